@@ -1,0 +1,109 @@
+"""How a global batch is realised, and the data order it is drawn from.
+
+The algorithm talks about the global batch ``B``; the planner turns it into
+``micro x accumulation x world`` (DESIGN.md). The data order is a seeded permutation per epoch,
+consumed sample by sample, so the batch can grow mid-epoch and a run resumes exactly from the
+number of samples it has consumed: no sampler state beyond that count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One optimizer step: ``world`` processes each run ``accumulation`` micro-batches of ``micro``."""
+
+    global_batch: int
+    micro: int
+    accumulation: int
+    world: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.micro * self.accumulation
+
+
+def make_plan(global_batch: int, micro_batch_size: int, world_size: int = 1) -> Plan:
+    """Split ``global_batch`` evenly over ``world_size`` processes and micro-batches of at most
+    ``micro_batch_size``.
+
+    >>> make_plan(1024, 256, 2)
+    Plan(global_batch=1024, micro=256, accumulation=2, world=2)
+    >>> make_plan(128, 256, 2)
+    Plan(global_batch=128, micro=64, accumulation=1, world=2)
+    """
+    if global_batch <= 0 or micro_batch_size <= 0 or world_size <= 0:
+        raise ValueError(f"make_plan: sizes must be > 0, got {global_batch}, {micro_batch_size}, {world_size}")
+    if global_batch % world_size:
+        raise ValueError(f"batch_size {global_batch} is not divisible by {world_size} processes")
+    per_rank = global_batch // world_size
+    if per_rank <= micro_batch_size:
+        return Plan(global_batch, per_rank, 1, world_size)
+    if per_rank % micro_batch_size:
+        raise ValueError(
+            f"batch_size {global_batch} is not divisible by micro_batch_size x processes "
+            f"({micro_batch_size} x {world_size})"
+        )
+    return Plan(global_batch, micro_batch_size, per_rank // micro_batch_size, world_size)
+
+
+class SampleOrder:
+    """The training order: epoch ``e`` is ``randperm(num_samples)`` from a generator seeded with
+    ``seed + e``; the stream of all epochs is read by absolute sample position.
+
+    Stateless apart from its arguments, so ``state`` is just the consumed-sample count the trainer
+    keeps; a resumed run recomputes the same indices.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        if num_samples <= 0:
+            raise ValueError(f"SampleOrder: num_samples must be > 0, got {num_samples}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        if self._cache is None or self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._cache = (epoch, torch.randperm(self.num_samples, generator=g))
+        return self._cache[1]
+
+    def indices(self, start: int, count: int) -> list[int]:
+        """Sample indices at stream positions ``[start, start + count)``, across epoch boundaries."""
+        out: list[int] = []
+        pos = start
+        while len(out) < count:
+            epoch, offset = divmod(pos, self.num_samples)
+            take = min(count - len(out), self.num_samples - offset)
+            out.extend(self._epoch(epoch)[offset : offset + take].tolist())
+            pos += take
+        return out
+
+
+class MicroBatchSampler:
+    """``batch_sampler`` for a DataLoader: this rank's micro-batches of consecutive optimizer steps
+    under one plan, starting at stream position ``start``.
+
+    Each global batch ``order[start + s*B : start + (s+1)*B]`` is cut into ``world`` contiguous
+    shares (rank ``r`` takes the r-th) and each share into ``accumulation`` micro-batches, so the
+    union over ranks of one step is exactly the global batch, whatever the process count. The
+    trainer builds a new one whenever the plan changes (at an optimizer-step boundary).
+    """
+
+    def __init__(self, order: SampleOrder, plan: Plan, start: int, rank: int = 0):
+        self.order, self.plan, self.start, self.rank = order, plan, start, rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pos = self.start
+        p = self.plan
+        while True:
+            batch = self.order.indices(pos, p.global_batch)
+            share = batch[self.rank * p.per_rank : (self.rank + 1) * p.per_rank]
+            for j in range(p.accumulation):
+                yield share[j * p.micro : (j + 1) * p.micro]
+            pos += p.global_batch

@@ -1,0 +1,64 @@
+import pytest
+
+from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan
+
+
+@pytest.mark.parametrize(
+    "batch, micro, world, expected",
+    [
+        (64, 16, 1, Plan(64, 16, 4, 1)),
+        (64, 64, 1, Plan(64, 64, 1, 1)),
+        (128, 256, 2, Plan(128, 64, 1, 2)),
+        (1024, 256, 2, Plan(1024, 256, 2, 2)),
+        (8192, 512, 4, Plan(8192, 512, 4, 4)),
+    ],
+)
+def test_plan_splits_global_batch(batch, micro, world, expected):
+    plan = make_plan(batch, micro, world)
+    assert plan == expected
+    assert plan.micro <= micro
+    assert plan.micro * plan.accumulation * plan.world == batch
+
+
+@pytest.mark.parametrize("batch, micro, world", [(100, 64, 1), (96, 16, 5), (0, 16, 1)])
+def test_plan_rejects_indivisible(batch, micro, world):
+    with pytest.raises(ValueError, match="batch|sizes"):
+        make_plan(batch, micro, world)
+
+
+def test_order_is_a_permutation_per_epoch_and_seeded():
+    order = SampleOrder(10, seed=3)
+    first, second = order.indices(0, 10), order.indices(10, 10)
+    assert sorted(first) == list(range(10)) and sorted(second) == list(range(10))
+    assert first != second  # epoch e uses seed + e
+    assert SampleOrder(10, seed=3).indices(0, 10) == first
+    assert SampleOrder(10, seed=4).indices(0, 10) != first
+    # reading across the boundary is the concatenation
+    assert order.indices(7, 6) == first[7:] + second[:3]
+
+
+def test_micro_batches_cover_the_global_batch_whatever_the_split():
+    order = SampleOrder(50, seed=0)
+    whole = MicroBatchSampler(order, make_plan(16, 16, 1), start=5)
+    it = iter(whole)
+    reference = [next(it), next(it)]  # two steps of 16
+
+    for micro, world in [(4, 1), (8, 2), (2, 4)]:
+        plan = make_plan(16, micro, world)
+        per_step = []
+        for step in range(2):
+            got = []
+            for rank in range(world):
+                it = iter(MicroBatchSampler(order, plan, start=5, rank=rank))
+                chunks = [next(it) for _ in range(plan.accumulation * (step + 1))][-plan.accumulation :]
+                assert all(len(c) == micro for c in chunks)
+                got.extend(i for c in chunks for i in c)
+            per_step.append(got)
+        assert per_step == reference
+
+
+def test_stream_position_makes_growth_and_resume_consistent():
+    order = SampleOrder(40, seed=1)
+    # 3 steps at 8 then growth to 16: the next step reads positions 24..40
+    it = iter(MicroBatchSampler(order, make_plan(16, 16, 1), start=24))
+    assert next(it) == order.indices(24, 16)
