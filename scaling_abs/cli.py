@@ -1,0 +1,98 @@
+"""The ``scaling-abs`` command: parse, build, run, close.
+
+  scaling-abs train [--config FILE_OR_PRESET] [key=value ...]   (also: accelerate launch -m scaling_abs train)
+  scaling-abs simulate [preset=imagenet_i3 | run_dir=DIR] [--json]
+  scaling-abs convex [out=DIR]
+  scaling-abs report RUN_DIR... [--out DIR]
+
+A mistake the user can make (config, paths, data) prints one line on stderr and exits with 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from scaling_abs.errors import UserError
+
+
+def _train(argv: list[str]) -> int:
+    from scaling_abs.config import help_keys, list_presets, load_config
+
+    parser = argparse.ArgumentParser(
+        prog="scaling-abs train",
+        description="Train with BL, FB, GG, ABS or ABSA. With no settings: ABSA on Fashion-MNIST (the embedded default).",
+        epilog=f"presets: {', '.join(list_presets())}. Keys: scaling-abs train --help-keys",
+    )
+    parser.add_argument("--config", help="a YAML file or a preset name (s1, c1, ..., i3)")
+    parser.add_argument("--help-keys", action="store_true", help="list every config key with its default")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    if args.help_keys:
+        print(help_keys())
+        return 0
+    cfg = load_config(args.config, args.overrides)
+
+    from scaling_abs.trainer import train
+
+    summary = train(cfg)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary, cfg.output_dir))
+    return 0
+
+
+def format_summary(summary: dict, output_dir: str) -> str:
+    share = summary["curvature_time_s"] / summary["wall_time_s"] if summary["wall_time_s"] else 0.0
+    rows = [
+        ("strategy / model / data", f"{summary['strategy']} / {summary['model']} / {summary['dataset']}"),
+        ("test accuracy", f"{100 * summary['test_accuracy']:.2f} %"),
+        ("optimizer updates", f"{summary['updates']}"),
+        ("largest batch", f"{summary['max_batch_size']}"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("curvature checks", f"{summary['curvature_checks']} ({100 * share:.1f} % of wall time)"),
+        ("outputs", output_dir + ("  (interrupted: resume=auto continues)" if summary["interrupted"] else "")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(f"scaling_abs.{module}").main(argv)
+
+
+COMMANDS = {
+    "train": _train,
+    "simulate": lambda argv: _delegate("simulate", argv),
+    "convex": lambda argv: _delegate("convex", argv),
+    "report": lambda argv: _delegate("report", argv),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["train", *argv]  # `scaling-abs` alone runs the embedded default
+    if argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        if "=" in command:
+            command, rest = "train", argv
+        else:
+            print(f"scaling-abs: error: unknown command {command!r} (choose {', '.join(COMMANDS)})", file=sys.stderr)
+            return 2
+    try:
+        return COMMANDS[command](rest)
+    except UserError as e:
+        print(f"scaling-abs {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Typed run configuration: a YAML file or a named preset first, ``key=value`` overrides second.
+
+Every key is a field of :class:`TrainConfig` with a one-line help string; :func:`validate` checks
+everything a user can get wrong before any work starts and raises :class:`ConfigError` naming the key.
+The resolved config is written to ``output_dir/config.yaml`` by the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaling_abs.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+STRATEGIES = ("bl", "fb", "gg", "abs", "absa")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. Defaults are the embedded default: ABSA, small CNN, Fashion-MNIST."""
+
+    # what to train
+    model: str = _f("cnn", "model name (see README table) or hf:<name or local path>")
+    dataset: str = _f("fashion_mnist", "fashion_mnist | cifar10 | cifar100 | svhn | tinyimagenet | imagenet | hf:<name>")
+    data_dir: str = _f("", "data set folder; empty = the data set's default place")
+    augmentation: str = _f("auto", "auto (the paper's choice for the model) | none | crop_flip | resized_crop_flip")
+    limit_train_samples: int = _f(0, "use only this many training samples (0 = all)")
+    download: bool = _f(False, "let torchvision download CIFAR/SVHN into data_dir (needs network)")
+    # strategy and schedule
+    strategy: str = _f("absa", "bl | fb | gg | abs | absa")
+    epochs: float = _f(4.0, "training length in epochs (passes over the training samples)")
+    batch_size: int = _f(128, "initial global batch size (all processes together)")
+    max_batch_size: int = _f(4096, "largest global batch (B_max); FB trains at this batch")
+    micro_batch_size: int = _f(256, "per-process micro-batch bound (memory); larger batches accumulate")
+    lr: float = _f(0.05, "base learning rate at batch_size")
+    lr_decay: float = _f(0.2, "multiplicative LR decay at each of lr_decay_epochs (0.2 = divide by 5)")
+    lr_decay_epochs: list = _f([2.0, 3.0], "epochs at which the LR decays (GG grows the batch instead)")
+    warmup_epochs: float = _f(5.0, "FB only: linear LR warm-up length in epochs")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "SGD weight decay")
+    grad_clip: float = _f(0.0, "max gradient norm (0 = off); explicit so DeepSpeed and plain runs agree")
+    # ABS / ABSA (Algorithm 1; paper defaults)
+    alpha: float = _f(2.0, "grow when the eigenvalue drops to 1/alpha of the reference")
+    beta: float = _f(2.0, "batch growth factor")
+    kappa: int = _f(10, "grow after this many checks without a drop")
+    lr_scaling: str = _f("linear", "LR rule on growth: linear | sqrt | none")
+    hessian_every: int = _f(0, "training samples between curvature checks (0 = one epoch)")
+    hessian_samples: int = _f(1024, "sample budget of one curvature check (micro-batched)")
+    hessian_iters: int = _f(10, "power iterations per check")
+    hessian_tol: float = _f(1e-2, "relative tolerance of the power iteration")
+    hessian_block: str = _f("all", "parameters of the Hessian: all | last:N (last N modules with parameters)")
+    hessian_bn_mode: str = _f("eval", "BatchNorm during checks: eval (paper's code) | train (buffers restored)")
+    adv_eps: float = _f(0.005, "FGSM step on inputs in [0, 1]")
+    adv_fraction: float = _f(0.2, "ABSA: fraction gamma of each batch replaced by FGSM examples")
+    adv_decay: float = _f(2.0, "ABSA: gamma is divided by this (omega) at every growth")
+    adv_stop_epoch: float = _f(-1.0, "ABSA: gamma is 0 from this epoch on (tau; -1 = half of training)")
+    # execution
+    mixed_precision: str = _f("no", "no | bf16 | fp16 (autocast; FGSM runs under the same autocast)")
+    deepspeed: str = _f("", "path to a DeepSpeed JSON config (ds_configs/zero2.json); empty = off")
+    seed: int = _f(0, "seed of the model init, data order and curvature probes")
+    output_dir: str = _f("runs/default", "where metrics, checkpoints and the final model go")
+    resume: str = _f("", "auto (newest checkpoint in output_dir) | a checkpoint folder | empty = fresh")
+    checkpoint_every: int = _f(0, "optimizer steps between checkpoints (0 = at every epoch end)")
+    keep_checkpoints: int = _f(2, "how many checkpoints to keep")
+    eval_every: float = _f(1.0, "epochs between test evaluations")
+    num_workers: int = _f(0, "data loader worker processes")
+    progress: bool = _f(True, "show a tqdm progress bar on the main process")
+    tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # resolved values ------------------------------------------------------------------
+    @property
+    def resolved_adv_stop_epoch(self) -> float:
+        """tau: the paper stops adversarial examples after half of training by default."""
+        return self.epochs / 2 if self.adv_stop_epoch < 0 else self.adv_stop_epoch
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    kind = _TYPES[key]
+    if isinstance(kind, types.GenericAlias) or kind is list:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if value is None or value == "":
+            return []
+        if not isinstance(value, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{key}: expected a list of numbers like [30, 60], got {value!r}")
+        return [float(v) for v in value]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unhandled config type {kind} for {key}")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if not path.exists() and (PRESET_DIR / f"{source}.yaml").exists():
+        path = PRESET_DIR / f"{source}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config: no file or preset named {source!r} (presets: {', '.join(list_presets())})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of key: value")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=0.1", "lr_decay_epochs=[30,60]"]`` -> ``{"lr": 0.1, "lr_decay_epochs": [30, 60]}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_config(config: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """Build and validate a config from a YAML file or preset name plus overrides."""
+    values: dict[str, Any] = {}
+    if config:
+        values.update(_read_yaml(config))
+    if overrides:
+        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (see `scaling-abs train --help-keys`)")
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
+    """Check values and their consistency; raise ConfigError naming the key. No file system access
+    except for ``deepspeed`` and an explicit ``data_dir`` (both must exist)."""
+    from scaling_abs import models  # registry names; cheap import
+    from scaling_abs.data import DATASETS
+
+    for key in ("lr", "momentum", "weight_decay", "epochs", "adv_eps", "grad_clip", "hessian_tol", "eval_every"):
+        _check(math.isfinite(getattr(cfg, key)), key, f"must be finite, got {getattr(cfg, key)}")
+    _check(cfg.strategy in STRATEGIES, "strategy", f"unknown strategy {cfg.strategy!r} (choose {', '.join(STRATEGIES)})")
+    _check(cfg.model.startswith("hf:") or cfg.model in models.MODELS, "model",
+           f"unknown model {cfg.model!r} (choose {', '.join(sorted(models.MODELS))} or hf:<name>)")
+    _check(cfg.dataset.startswith("hf:") or cfg.dataset in DATASETS, "dataset",
+           f"unknown data set {cfg.dataset!r} (choose {', '.join(sorted(DATASETS))} or hf:<name>)")
+    _check(cfg.epochs > 0, "epochs", f"must be > 0, got {cfg.epochs}")
+    _check(cfg.batch_size > 0, "batch_size", f"must be > 0, got {cfg.batch_size}")
+    _check(cfg.max_batch_size >= cfg.batch_size, "max_batch_size",
+           f"must be >= batch_size ({cfg.batch_size}), got {cfg.max_batch_size}")
+    _check(cfg.micro_batch_size > 0, "micro_batch_size", f"must be > 0, got {cfg.micro_batch_size}")
+    _check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
+    _check(0 < cfg.lr_decay <= 1, "lr_decay", f"must be in (0, 1] (0.2 divides the LR by 5), got {cfg.lr_decay}")
+    _check(all(e >= 0 for e in cfg.lr_decay_epochs) and cfg.lr_decay_epochs == sorted(cfg.lr_decay_epochs),
+           "lr_decay_epochs", f"must be increasing and >= 0, got {cfg.lr_decay_epochs}")
+    _check(cfg.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {cfg.warmup_epochs}")
+    _check(cfg.momentum >= 0, "momentum", f"must be >= 0, got {cfg.momentum}")
+    _check(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    _check(cfg.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {cfg.grad_clip}")
+    _check(cfg.alpha > 1, "alpha", f"must be > 1, got {cfg.alpha}")
+    _check(cfg.beta > 1, "beta", f"must be > 1, got {cfg.beta}")
+    _check(cfg.kappa >= 1, "kappa", f"must be >= 1, got {cfg.kappa}")
+    _check(cfg.lr_scaling in ("linear", "sqrt", "none"), "lr_scaling",
+           f"unknown rule {cfg.lr_scaling!r} (linear | sqrt | none)")
+    _check(cfg.hessian_every >= 0, "hessian_every", f"must be >= 0 (0 = one epoch), got {cfg.hessian_every}")
+    _check(cfg.hessian_samples > 0, "hessian_samples", f"must be > 0, got {cfg.hessian_samples}")
+    _check(cfg.hessian_iters >= 1, "hessian_iters", f"must be >= 1, got {cfg.hessian_iters}")
+    _check(cfg.hessian_tol >= 0, "hessian_tol", f"must be >= 0, got {cfg.hessian_tol}")
+    block = cfg.hessian_block
+    _check(block == "all" or (block.startswith("last:") and block[5:].isdigit() and int(block[5:]) > 0),
+           "hessian_block", f"expected all or last:N with N > 0, got {block!r}")
+    _check(cfg.hessian_bn_mode in ("eval", "train"), "hessian_bn_mode", f"expected eval or train, got {cfg.hessian_bn_mode!r}")
+    _check(cfg.adv_eps >= 0, "adv_eps", f"must be >= 0, got {cfg.adv_eps}")
+    _check(0 <= cfg.adv_fraction <= 1, "adv_fraction", f"must be in [0, 1], got {cfg.adv_fraction}")
+    _check(cfg.adv_decay >= 1, "adv_decay", f"must be >= 1, got {cfg.adv_decay}")
+    _check(cfg.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision",
+           f"expected no, bf16 or fp16, got {cfg.mixed_precision!r}")
+    _check(cfg.augmentation in ("auto", "none", "crop_flip", "resized_crop_flip"), "augmentation",
+           f"unknown augmentation {cfg.augmentation!r}")
+    _check(cfg.limit_train_samples >= 0, "limit_train_samples", "must be >= 0")
+    _check(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+    _check(cfg.eval_every > 0, "eval_every", f"must be > 0, got {cfg.eval_every}")
+    _check(cfg.num_workers >= 0, "num_workers", "must be >= 0")
+    _check(bool(cfg.output_dir), "output_dir", "must not be empty")
+    if cfg.deepspeed:
+        _check(os.path.isfile(cfg.deepspeed), "deepspeed", f"no such DeepSpeed config file: {cfg.deepspeed}")
+    if cfg.data_dir:
+        _check(os.path.isdir(cfg.data_dir), "data_dir", f"no such directory: {cfg.data_dir}")
+    if cfg.resume not in ("", "auto"):
+        _check(os.path.isdir(cfg.resume), "resume", f"no such checkpoint folder: {cfg.resume}")
+    # The planner splits every global batch evenly over processes: B, its growth and B_max must divide.
+    for key in ("batch_size", "max_batch_size"):
+        _check(getattr(cfg, key) % world_size == 0, key,
+               f"{getattr(cfg, key)} is not divisible by the {world_size} processes")
+    for key in ("batch_size", "max_batch_size"):
+        per_rank = getattr(cfg, key) // world_size
+        _check(per_rank <= cfg.micro_batch_size or per_rank % cfg.micro_batch_size == 0, key,
+               f"{getattr(cfg, key)} is not divisible by micro_batch_size x processes "
+               f"({cfg.micro_batch_size} x {world_size})")
+
+
+def help_keys() -> str:
+    """One line per key: name, default, help (for `scaling-abs train --help-keys`)."""
+    lines = []
+    for name, f in FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {name:20s} {str(default):16s} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

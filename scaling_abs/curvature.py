@@ -1,0 +1,341 @@
+"""Curvature of the training loss: Hessian-vector products, the top eigenvalue, the trace.
+
+The Hessian is that of the *mean* loss over a Hessian batch given as micro-batches (each weighted
+by its size, so the answer does not depend on the split) and, with a process group, over every
+rank's micro-batches (each rank's weighted HVP sum is all-reduced: ``autograd.grad`` never triggers
+DDP's all-reduce, so it is explicit here).
+
+Two HVP methods:
+* ``double_backward``: ``grad(<grad(L), v>)``, the classic one (PyHessian, the paper's code); works
+  with non-reentrant activation checkpointing and CPU autocast.
+* ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad``; one pass yields the gradient
+  and the HVP together. Fails with activation checkpointing and CPU autocast; ``auto`` tries it and
+  falls back to double backward (the choice is cached per model class).
+
+Every public function leaves the model as it found it: each module's train/eval mode, its buffers
+(BatchNorm running statistics), the parameters' ``.grad`` and the global RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaling_abs import distributed
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+METHODS = ("auto", "double_backward", "forward_over_reverse")
+# 1024 keeps fp16 gradients of O(1e-4) representable; the HVP is linear in the loss, so it is divided back.
+FP16_LOSS_SCALE = 1024.0
+_AUTO_CHOICE: dict[type, str] = {}
+
+
+@dataclass
+class EigenResult:
+    """Top eigenvalue by power iteration. ``finite`` is False when an HVP or the estimate was not
+    finite (fp16 overflow, a bad batch); the eigenvalue is then NaN and ``converged`` False."""
+
+    eigenvalue: float
+    eigenvector: list[torch.Tensor] = field(repr=False)
+    iterations: int
+    converged: bool
+    finite: bool = True
+    samples: int = 0
+
+
+@dataclass
+class TraceResult:
+    """Hutchinson estimate of the Hessian trace: the mean of ``v^T H v`` over Rademacher probes."""
+
+    trace: float
+    std_error: float
+    probes: int
+    samples: int = 0
+    finite: bool = True
+
+
+def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The ``loss_fn`` for ``(inputs, targets)`` batches, computed in fp32."""
+    inputs, targets = batch
+    return F.cross_entropy(model(inputs).float(), targets)
+
+
+def last_layers(model: nn.Module, n: int) -> list[nn.Parameter]:
+    """Trainable parameters of the last ``n`` modules (in ``model.modules()`` order) that own
+    parameters directly: the block Hessian of paper Section 4.3."""
+    if n < 1:
+        raise ValueError(f"last_layers: n must be >= 1, got {n}")
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    return [p for m in owners[-n:] for p in m.parameters(recurse=False) if p.requires_grad]
+
+
+def resolve_block(model: nn.Module, spec: str) -> list[nn.Parameter]:
+    """``"all"`` (every trainable parameter) or ``"last:N"`` (see :func:`last_layers`)."""
+    if spec == "all":
+        return [p for p in model.parameters() if p.requires_grad]
+    if spec.startswith("last:") and spec[5:].isdigit() and int(spec[5:]) > 0:
+        return last_layers(model, int(spec[5:]))
+    raise ValueError(f"hessian_block: expected all or last:N, got {spec!r}")
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train/eval flag on exit (a model may mix them on purpose)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
+    """Run in ``bn_mode`` ("eval": running statistics, the paper's code; "train": batch statistics)
+    and restore modes, buffers and the global RNG state afterwards."""
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    with preserved_modes(model):
+        model.train(bn_mode == "train")
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return _batch_size(next(iter(batch.values())))
+    return _batch_size(batch[0])
+
+
+def _autocast(params: Sequence[torch.Tensor], dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=params[0].device.type, dtype=dtype)
+
+
+def _math_sdpa(enabled: bool):
+    """Flash and memory-efficient attention have no double backward and no forward-mode AD."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _double_backward(model, loss_fn, batch, params, vector, autocast_dtype):
+    scale = FP16_LOSS_SCALE if autocast_dtype == torch.float16 else 1.0
+    with _autocast(params, autocast_dtype):
+        loss = loss_fn(model, batch)
+    grads = torch.autograd.grad(loss.float() * scale, params, create_graph=True, allow_unused=True)
+    pairs = [(g, v) for g, v in zip(grads, vector) if g is not None]
+    dot = sum((g.float() * v.to(g.dtype)).sum() for g, v in pairs)
+    used = [p for p, g in zip(params, grads) if g is not None]
+    hv_used = iter(torch.autograd.grad(dot, used, allow_unused=True)) if used else iter(())
+    out_g, out_h = [], []
+    for p, g in zip(params, grads):
+        if g is None:
+            out_g.append(torch.zeros_like(p, dtype=torch.float32))
+            out_h.append(torch.zeros_like(p, dtype=torch.float32))
+            continue
+        h = next(hv_used)
+        out_g.append(g.detach().float() / scale)
+        out_h.append(torch.zeros_like(p, dtype=torch.float32) if h is None else h.float() / scale)
+    return out_g, out_h
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap the parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def _forward_over_reverse(model, loss_fn, batch, params, vector, autocast_dtype):
+    from torch.func import functional_call, grad, jvp
+
+    wrapper = _LossModule(model, loss_fn)
+    ids = {id(p) for p in params}
+    names = {id(p): n for n, p in wrapper.named_parameters()}
+    fixed = {n: p.detach() for n, p in wrapper.named_parameters() if id(p) not in ids}
+    # Cloned buffers: BatchNorm in train mode updates them in place, which forward-mode AD rejects.
+    fixed.update({n: b.clone() for n, b in wrapper.named_buffers()})
+    keys = [names[id(p)] for p in params]
+
+    def loss_of(*flat):
+        with _autocast(params, autocast_dtype):
+            return functional_call(wrapper, {**fixed, **dict(zip(keys, flat))}, (batch,)).float()
+
+    primals = tuple(p.detach() for p in params)
+    tangents = tuple(v.to(p.dtype) for p, v in zip(params, vector))
+    g, h = jvp(grad(loss_of, argnums=tuple(range(len(params)))), primals, tangents)
+    return [x.float() for x in g], [x.float() for x in h]
+
+
+def _resolve_method(model: nn.Module, method: str, autocast_dtype, device: torch.device) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    if autocast_dtype is not None and device.type == "cpu":
+        return "double_backward"  # forward-mode AD does not mix with CPU autocast
+    return _AUTO_CHOICE.get(type(model), "forward_over_reverse")
+
+
+def grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch: Any, vector: Sequence[torch.Tensor], *,
+                 params: Sequence[torch.Tensor], method: str = "auto",
+                 autocast_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradient and HVP of ``loss_fn(model, batch)`` w.r.t. ``params`` in one call (fp32 results).
+    No mode or buffer handling: the public functions wrap this in :func:`preserved_state`."""
+    chosen = _resolve_method(model, method, autocast_dtype, params[0].device)
+    if chosen == "double_backward":
+        return _double_backward(model, loss_fn, batch, params, vector, autocast_dtype)
+    try:
+        return _forward_over_reverse(model, loss_fn, batch, params, vector, autocast_dtype)
+    except Exception:
+        if method != "auto":
+            raise
+        # e.g. activation checkpointing or an op without a forward-mode rule: remember and fall back
+        _AUTO_CHOICE[type(model)] = "double_backward"
+        return _double_backward(model, loss_fn, batch, params, vector, autocast_dtype)
+
+
+def _trainable(model: nn.Module, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    if not params:
+        raise ValueError("params: no trainable parameters to take the Hessian over")
+    return params
+
+
+def hvp(model: nn.Module, loss_fn: LossFn, batch: Any, vector: Sequence[torch.Tensor], *,
+        params: Sequence[torch.Tensor] | None = None, method: str = "auto", bn_mode: str = "eval",
+        autocast_dtype: torch.dtype | None = None, sdpa_math: bool = True) -> list[torch.Tensor]:
+    """Hessian-vector product ``H v`` of ``loss_fn(model, batch)`` w.r.t. ``params``.
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> scalar``.
+        vector: tensors shaped like ``params`` (default: all trainable parameters).
+        method: ``"auto" | "double_backward" | "forward_over_reverse"``.
+        bn_mode: ``"eval"`` (default, the paper's code) or ``"train"`` (batch statistics).
+    Returns:
+        fp32 tensors shaped like ``params``. The model is left as it was.
+    """
+    params = _trainable(model, params)
+    with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
+        return grad_and_hvp(model, loss_fn, batch, vector, params=params, method=method,
+                            autocast_dtype=autocast_dtype)[1]
+
+
+class HessianOperator:
+    """``v -> H v`` for the Hessian of the mean loss over ``batches`` (all ranks together)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], params: Sequence[torch.Tensor],
+                 *, method: str = "auto", autocast_dtype: torch.dtype | None = None):
+        self.model, self.loss_fn, self.params = model, loss_fn, list(params)
+        self.batches = list(batches)
+        self.method, self.autocast_dtype = method, autocast_dtype
+        sizes = [_batch_size(b) for b in self.batches]
+        self.samples = int(distributed.all_reduce_sum(float(sum(sizes))))
+        if self.samples == 0:
+            raise ValueError("batches: the Hessian batch is empty")
+        self.weights = [n / self.samples for n in sizes]
+
+    def __call__(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        for batch, w in zip(self.batches, self.weights):
+            _, h = grad_and_hvp(self.model, self.loss_fn, batch, vector, params=self.params, method=self.method,
+                                autocast_dtype=self.autocast_dtype)
+            for t, x in zip(total, h):
+                t.add_(x, alpha=w)
+        return distributed.all_reduce_sum_(total)
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _normalize(v: list[torch.Tensor]) -> list[torch.Tensor]:
+    norm = torch.sqrt(_dot(v, v))
+    return [x / (norm + 1e-30) for x in v]
+
+
+def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], *,
+                   params: Sequence[torch.Tensor] | None = None, max_iter: int = 10, tol: float = 1e-2,
+                   seed: int = 0, method: str = "auto", bn_mode: str = "eval",
+                   autocast_dtype: torch.dtype | None = None, sdpa_math: bool = True) -> EigenResult:
+    """Top (largest-magnitude) Hessian eigenvalue by power iteration.
+
+    Args:
+        batches: micro-batches whose size-weighted mean loss defines the Hessian; with a process
+            group, this rank's share of the Hessian batch.
+        params: the block (default: all trainable parameters; see :func:`last_layers`).
+        max_iter, tol: stop after ``max_iter`` HVPs or when the relative change is ``<= tol``.
+        seed: the start vector's own generator (the global RNG is not used).
+    Returns:
+        :class:`EigenResult`; the eigenvector is fp32 and unit-norm, shaped like ``params``.
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    params = _trainable(model, params)
+    gen = torch.Generator().manual_seed(seed)
+    # Same start vector on every rank: drawn on the CPU from the seed, then moved.
+    v = _normalize([torch.randn(p.shape, generator=gen).to(p.device) for p in params])
+    eig, converged, finite, it = float("nan"), False, True, 0
+    with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
+        op = HessianOperator(model, loss_fn, batches, params, method=method, autocast_dtype=autocast_dtype)
+        for it in range(1, max_iter + 1):
+            hv = op(v)
+            # sync point: the convergence test needs the value on the host
+            new = float(_dot(hv, v))
+            if not math.isfinite(new) or not all(torch.isfinite(h).all() for h in hv):
+                return EigenResult(float("nan"), v, it, False, finite=False, samples=op.samples)
+            v = _normalize([h.clone() for h in hv])
+            done = math.isfinite(eig) and abs(new - eig) <= tol * (abs(eig) + 1e-12)
+            eig = new
+            if done:
+                converged = True
+                break
+    return EigenResult(eig, v, it, converged, finite=finite, samples=op.samples)
+
+
+def hutchinson_trace(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], *,
+                     params: Sequence[torch.Tensor] | None = None, n_samples: int = 20, seed: int = 0,
+                     method: str = "auto", bn_mode: str = "eval", autocast_dtype: torch.dtype | None = None,
+                     sdpa_math: bool = True) -> TraceResult:
+    """Hutchinson's estimate ``E[v^T H v]`` with Rademacher ``v`` from a seeded generator."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    params = _trainable(model, params)
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
+        op = HessianOperator(model, loss_fn, batches, params, method=method, autocast_dtype=autocast_dtype)
+        for _ in range(n_samples):
+            v = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).float().to(p.device) for p in params]
+            values.append(float(_dot(op(v), v)))  # sync point: one value per probe
+    t = torch.tensor(values, dtype=torch.float64)
+    finite = bool(torch.isfinite(t).all())
+    std_error = float(t.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return TraceResult(float(t.mean()), std_error, len(values), op.samples, finite)

@@ -1,0 +1,316 @@
+"""Data sets. Every one yields ``(image in [0, 1] as float32 CHW, int label)``; normalisation is the
+model wrapper's job (``models.Normalized``), so FGSM's eps keeps the paper's meaning.
+
+In-memory sets (Fashion-MNIST, CIFAR, SVHN) are uint8 tensors with a batched ``__getitems__``: a
+micro-batch is one indexing operation, which is what makes CPU training fast. Folder sets
+(TinyImageNet, ImageNet) and ``hf:`` sets decode per sample in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from scaling_abs.errors import UserError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", "tinyimagenet", "imagenet")
+MEAN_STD = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "tinyimagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """The idx format: 2 zero bytes, a type byte (0x08 = uint8), the rank, big-endian sizes, data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise UserError(f"data_dir: {path} is not a uint8 idx file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def read_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> dict[str, np.ndarray]:
+    """The four idx.gz files: train/test images ``(N, 28, 28)`` uint8 and labels ``(N,)`` uint8."""
+    root = Path(root)
+    files = {
+        "train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+        "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz",
+    }
+    missing = [name for name in files.values() if not (root / name).exists()]
+    if missing:
+        raise UserError(
+            f"data_dir: Fashion-MNIST not found in {root} (missing {missing[0]}); "
+            "install it with `apt-get install dataset-fashion-mnist` or set data_dir="
+        )
+    return {key: _read_idx(root / name) for key, name in files.items()}
+
+
+class TensorImageDataset(Dataset):
+    """uint8 ``(N, C, H, W)`` images and int64 targets in memory; ``transform`` (per sample) for
+    augmentation. ``__getitems__`` returns a collated ``(inputs, targets)`` pair in one step."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform: Callable | None = None):
+        assert images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 (N, C, H, W)"
+        self.images, self.targets, self.transform = images, targets.long(), transform
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i].float().div_(255)
+        return (self.transform(x) if self.transform else x), int(self.targets[i])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if self.transform is None:
+            return self.images[idx].float().div_(255), self.targets[idx]
+        return torch.stack([self[i][0] for i in indices]), self.targets[idx]
+
+
+def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """DataLoader ``collate_fn``: a ``__getitems__`` result passes through, a list is stacked."""
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return batch
+    return default_collate(batch)
+
+
+def _transforms(augmentation: str, image_size: int, train: bool):
+    """The paper's augmentation (torchvision transforms v2) on float images in [0, 1]."""
+    from torchvision.transforms import v2
+
+    if augmentation == "none":
+        return None
+    if augmentation == "crop_flip":
+        return v2.Compose([v2.RandomCrop(image_size, padding=4), v2.RandomHorizontalFlip()]) if train else None
+    if augmentation == "resized_crop_flip":
+        if train:
+            return v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])
+        return v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])
+    raise UserError(f"augmentation: unknown augmentation {augmentation!r}")
+
+
+class _FileImageDataset(Dataset):
+    """``(path, label)`` pairs decoded with PIL, converted to [0, 1] tensors, then transformed."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable | None, size: int | None = None):
+        self.samples, self.transform, self.size = samples, transform, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as TF
+
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            x = TF.to_dtype(TF.to_image(im.convert("RGB")), torch.float32, scale=True)
+        if self.size is not None and x.shape[-1] != self.size:
+            x = TF.resize(x, [self.size, self.size], antialias=True)
+        return (self.transform(x) if self.transform else x), label
+
+
+def _image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = classes or sorted(d.name for d in root.iterdir() if d.is_dir())
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for c in classes:
+        for dirpath, _, files in sorted(os.walk(root / c)):
+            samples += [(os.path.join(dirpath, f), index[c]) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+    if not samples:
+        raise UserError(f"data_dir: no images under {root}")
+    return samples, classes
+
+
+def _need_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise UserError(f"data_dir: {what} not found: {path}")
+
+
+def _fashion_mnist(data_dir, aug, **_):
+    arrays = read_fashion_mnist(data_dir or FASHION_MNIST_DIR)
+    train = TensorImageDataset(torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
+                               torch.from_numpy(arrays["train_labels"].astype(np.int64)), _transforms(aug, 28, True))
+    test = TensorImageDataset(torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1),
+                              torch.from_numpy(arrays["test_labels"].astype(np.int64)))
+    return train, test, 10, 1, 28
+
+
+def _cifar(name, data_dir, aug, download):
+    import torchvision
+
+    if not data_dir:
+        raise UserError(f"data_dir: {name} needs data_dir= (the folder torchvision's {name.upper()} uses)")
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        tr, te = cls(data_dir, train=True, download=download), cls(data_dir, train=False, download=download)
+    except RuntimeError as e:
+        raise UserError(f"data_dir: {e} (in {data_dir}; download=true fetches it when online)") from None
+
+    def as_tensors(ds):
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+
+    train = TensorImageDataset(*as_tensors(tr), _transforms(aug, 32, True))
+    test = TensorImageDataset(*as_tensors(te))
+    return train, test, 10 if name == "cifar10" else 100, 3, 32
+
+
+def _svhn(data_dir, aug, download):
+    import torchvision
+
+    if not data_dir:
+        raise UserError("data_dir: svhn needs data_dir= (the folder with train_32x32.mat, extra_32x32.mat, test_32x32.mat)")
+    try:
+        parts = [torchvision.datasets.SVHN(data_dir, split="train", download=download)]
+        if download or (Path(data_dir) / "extra_32x32.mat").exists():  # the paper trains on train + extra
+            parts.append(torchvision.datasets.SVHN(data_dir, split="extra", download=download))
+        te = torchvision.datasets.SVHN(data_dir, split="test", download=download)
+    except RuntimeError as e:
+        raise UserError(f"data_dir: {e} (in {data_dir}; download=true fetches it when online)") from None
+    images = torch.cat([torch.from_numpy(p.data) for p in parts])
+    labels = torch.cat([torch.from_numpy(p.labels.astype(np.int64)) for p in parts])
+    train = TensorImageDataset(images, labels, _transforms(aug, 32, True))
+    test = TensorImageDataset(torch.from_numpy(te.data), torch.from_numpy(te.labels.astype(np.int64)))
+    return train, test, 10, 3, 32
+
+
+def _tinyimagenet(data_dir, aug, **_):
+    root = Path(data_dir or "")
+    _need_dir(root / "train", "TinyImageNet train/ folder")
+    train_samples, classes = _image_folder(root / "train")
+    index = {c: i for i, c in enumerate(classes)}
+    ann = root / "val" / "val_annotations.txt"
+    if ann.exists():  # the official layout: val/images/*.JPEG + val_annotations.txt
+        rows = [line.split("\t") for line in ann.read_text().splitlines() if line.strip()]
+        val_samples = [(str(root / "val" / "images" / r[0]), index[r[1]]) for r in rows]
+    else:
+        _need_dir(root / "val", "TinyImageNet val/ folder")
+        val_samples, _ = _image_folder(root / "val", classes)
+    return (_FileImageDataset(train_samples, _transforms(aug, 64, True), 64),
+            _FileImageDataset(val_samples, None, 64), len(classes), 3, 64)
+
+
+def _imagenet(data_dir, aug, **_):
+    root = Path(data_dir or "")
+    _need_dir(root / "train", "ImageNet train/ folder")
+    _need_dir(root / "val", "ImageNet val/ folder")
+    train_samples, classes = _image_folder(root / "train")
+    solution = root / "LOC_val_solution.csv"
+    if not any(d.is_dir() for d in (root / "val").iterdir()) and solution.exists():
+        # Kaggle's flat val/ with LOC_val_solution.csv (ImageId, "wnid x y x y ...")
+        index = {c: i for i, c in enumerate(classes)}
+        rows = [line.split(",") for line in solution.read_text().splitlines()[1:] if line.strip()]
+        val_samples = [(str(root / "val" / f"{r[0]}.JPEG"), index[r[1].split()[0]]) for r in rows]
+    else:
+        val_samples, _ = _image_folder(root / "val", classes)
+    size = 224 if aug == "resized_crop_flip" else None
+    return (_FileImageDataset(train_samples, _transforms(aug, 224, True)),
+            _FileImageDataset(val_samples, _transforms(aug, 224, False)), len(classes), 3, size or 224)
+
+
+class _HFImageDataset(Dataset):
+    def __init__(self, ds, image_column: str, label_column: str, transform: Callable | None):
+        self.ds, self.image_column, self.label_column, self.transform = ds, image_column, label_column, transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from torchvision.transforms.v2 import functional as TF
+
+        row = self.ds[int(i)]
+        img = row[self.image_column]
+        if hasattr(img, "convert"):  # PIL
+            x = TF.to_dtype(TF.to_image(img), torch.float32, scale=True)
+        else:
+            arr = torch.as_tensor(np.asarray(img))
+            arr = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1) if arr.shape[-1] in (1, 3) else arr
+            x = arr.float().div(255) if arr.dtype == torch.uint8 else arr.float()
+        return (self.transform(x) if self.transform else x), int(row[self.label_column])
+
+
+def _hf(name, data_dir, aug, image_column, label_column, **_):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("dataset: hf: data sets need the datasets package (pip install 'scaling-abs[hf]')") from None
+    source = data_dir or name
+    try:
+        ds = datasets.load_from_disk(source) if Path(source).is_dir() else datasets.load_dataset(source)
+    except Exception as e:  # offline hub access, a bad path: the user's to fix
+        raise UserError(f"dataset: cannot load hf:{name} ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ds, datasets.DatasetDict) or "train" not in ds:
+        raise UserError(f"dataset: hf:{name} must have a train split (and test or validation)")
+    test_split = "test" if "test" in ds else "validation" if "validation" in ds else None
+    if test_split is None:
+        raise UserError(f"dataset: hf:{name} has no test or validation split")
+    for col in (image_column, label_column):
+        if col not in ds["train"].column_names:
+            raise UserError(f"dataset: hf:{name} has no column {col!r} (columns: {ds['train'].column_names})")
+    train = _HFImageDataset(ds["train"], image_column, label_column, None)
+    x0, _ = train[0]
+    train.transform = _transforms(aug, x0.shape[-1], True)
+    feature = ds["train"].features[label_column]
+    num_classes = feature.num_classes if hasattr(feature, "num_classes") else int(max(ds["train"][label_column])) + 1
+    return train, _HFImageDataset(ds[test_split], image_column, label_column, None), num_classes, x0.shape[0], x0.shape[-1]
+
+
+def build_dataset(name: str, *, data_dir: str | None = None, augmentation: str = "none", download: bool = False,
+                  image_column: str = "image", label_column: str = "label",
+                  limit_train_samples: int | None = None) -> DataBundle:
+    """The named data set as a :class:`DataBundle` (train/test sets, classes, channels, size, mean/std)."""
+    if data_dir and not Path(data_dir).exists():
+        raise UserError(f"data_dir: no such directory: {data_dir}")
+    if name.startswith("hf:"):
+        train, test, classes, channels, size = _hf(name[3:], data_dir, augmentation, image_column, label_column)
+        mean = std = None
+    elif name == "fashion_mnist":
+        train, test, classes, channels, size = _fashion_mnist(data_dir, augmentation)
+    elif name in ("cifar10", "cifar100"):
+        train, test, classes, channels, size = _cifar(name, data_dir, augmentation, download)
+    elif name == "svhn":
+        train, test, classes, channels, size = _svhn(data_dir, augmentation, download)
+    elif name == "tinyimagenet":
+        train, test, classes, channels, size = _tinyimagenet(data_dir, augmentation)
+    elif name == "imagenet":
+        train, test, classes, channels, size = _imagenet(data_dir, augmentation)
+    else:
+        raise UserError(f"dataset: unknown data set {name!r} (choose {', '.join(DATASETS)} or hf:<name>)")
+    if not name.startswith("hf:"):
+        mean, std = MEAN_STD[name]
+    if limit_train_samples and limit_train_samples < len(train):
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:limit_train_samples]
+        if isinstance(train, TensorImageDataset):
+            train = TensorImageDataset(train.images[keep], train.targets[keep], train.transform)
+        else:
+            train = torch.utils.data.Subset(train, keep.tolist())
+    return DataBundle(name, train, test, classes, channels, size, mean, std)

@@ -1,0 +1,242 @@
+"""Batch-size / learning-rate / adversarial-fraction schedules: BL, FB, GG and ABS/ABSA.
+
+One protocol for every strategy (timm's scheduler shape, progress passed in explicitly):
+
+* ``at(epoch) -> StepSettings(batch_size, lr_multiplier, adv_fraction)``: a pure function of
+  progress (epochs as a float: samples seen / training-set size) and the adaptive state;
+  ``lr_multiplier`` is the whole factor on the base LR, decays included.
+* ``observe(eigenvalue) -> bool``: a curvature check's result (adaptive strategies only); True when
+  the batch grew.
+* ``state_dict()`` / ``load_state_dict()``: only what cannot be recomputed from progress.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+LR_RULES = ("linear", "sqrt", "none")
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    batch_size: int
+    lr_multiplier: float
+    adv_fraction: float
+
+
+def step_decay(epoch: float, lr_decay: float, lr_decay_epochs: Sequence[float]) -> float:
+    """``lr_decay ** (number of milestones <= epoch)``; ``lr_decay=0.2`` divides by 5 at each."""
+    return lr_decay ** sum(1 for m in lr_decay_epochs if epoch >= m)
+
+
+def _check_decay(lr_decay: float, lr_decay_epochs: Sequence[float]) -> None:
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+    if list(lr_decay_epochs) != sorted(lr_decay_epochs):
+        raise ValueError(f"lr_decay_epochs must be increasing, got {list(lr_decay_epochs)}")
+
+
+def _check_batch(batch_size: int, max_batch_size: int | None = None) -> None:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    if max_batch_size is not None and max_batch_size < batch_size:
+        raise ValueError(f"max_batch_size ({max_batch_size}) must be >= batch_size ({batch_size})")
+
+
+class Schedule:
+    """Base of every strategy; non-adaptive ones ignore observations."""
+
+    adaptive = False
+    wants_checks = False
+
+    def at(self, epoch: float) -> StepSettings:
+        raise NotImplementedError
+
+    def observe(self, eigenvalue: float) -> bool:  # noqa: ARG002
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: ARG002
+        return None
+
+
+class ConstantBatch(Schedule):
+    """BL: a fixed batch and the base LR with step decays."""
+
+    def __init__(self, batch_size: int, *, lr_decay: float = 0.2, lr_decay_epochs: Sequence[float] = ()):
+        _check_batch(batch_size)
+        _check_decay(lr_decay, lr_decay_epochs)
+        self.batch_size, self.lr_decay, self.lr_decay_epochs = batch_size, lr_decay, tuple(lr_decay_epochs)
+
+    def at(self, epoch: float) -> StepSettings:
+        return StepSettings(self.batch_size, step_decay(epoch, self.lr_decay, self.lr_decay_epochs), 0.0)
+
+
+class LinearScalingWarmup(Schedule):
+    """FB (Goyal et al. 2017): train at ``batch_size`` with the LR scaled by ``k = batch_size /
+    base_batch_size``, ramped linearly from 1x to kx over ``warmup_epochs``, then BL's decays."""
+
+    def __init__(self, batch_size: int, *, base_batch_size: int = 128, warmup_epochs: float = 5.0,
+                 lr_decay: float = 0.2, lr_decay_epochs: Sequence[float] = ()):
+        _check_batch(base_batch_size, batch_size)
+        _check_decay(lr_decay, lr_decay_epochs)
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.batch_size, self.base_batch_size, self.warmup_epochs = batch_size, base_batch_size, warmup_epochs
+        self.lr_decay, self.lr_decay_epochs = lr_decay, tuple(lr_decay_epochs)
+
+    def at(self, epoch: float) -> StepSettings:
+        k = self.batch_size / self.base_batch_size
+        if self.warmup_epochs > 0 and epoch < self.warmup_epochs:
+            k = 1.0 + (k - 1.0) * epoch / self.warmup_epochs
+        return StepSettings(self.batch_size, k * step_decay(epoch, self.lr_decay, self.lr_decay_epochs), 0.0)
+
+
+class IncreaseBatch(Schedule):
+    """GG (Smith et al. 2017): at each of BL's milestones multiply the batch by ``1 / lr_decay``
+    instead of decaying the LR, up to ``max_batch_size``. Whatever part of the factor the cap leaves
+    goes into the LR, so the noise scale ``lr * N / B`` follows BL's.
+
+    >>> s = IncreaseBatch(128, 4096, lr_decay=0.2, lr_decay_epochs=[5, 10, 15])
+    >>> [(s.at(e).batch_size, round(s.at(e).lr_multiplier, 4)) for e in (0, 5, 10, 15)]
+    [(128, 1.0), (640, 1.0), (3200, 1.0), (4096, 0.256)]
+    """
+
+    def __init__(self, batch_size: int, max_batch_size: int, *, lr_decay: float = 0.2,
+                 lr_decay_epochs: Sequence[float] = ()):
+        _check_batch(batch_size, max_batch_size)
+        _check_decay(lr_decay, lr_decay_epochs)
+        self.batch_size, self.max_batch_size = batch_size, max_batch_size
+        self.lr_decay, self.lr_decay_epochs = lr_decay, tuple(lr_decay_epochs)
+
+    def at(self, epoch: float) -> StepSettings:
+        wanted = self.batch_size / step_decay(epoch, self.lr_decay, self.lr_decay_epochs)
+        batch = min(int(round(wanted)), self.max_batch_size)
+        return StepSettings(batch, batch / wanted, 0.0)
+
+
+class AdaptiveBatchSize(Schedule):
+    """ABS / ABSA controller (Algorithm 1, with the original code's reading in DESIGN.md).
+
+    The first eigenvalue only sets the reference. A check whose value is ``<= ref / alpha`` grows
+    the batch by ``beta`` (capped at ``max_batch_size``) and becomes the new reference; every other
+    check counts, and ``kappa`` of them in a row grow the batch with the reference unchanged. Each
+    growth divides the adversarial fraction by ``adv_decay`` (omega); at ``max_batch_size`` it is 0
+    and checks stop (``wants_checks`` is False). Non-finite eigenvalues are ignored.
+
+    >>> s = AdaptiveBatchSize(128, 1024, kappa=2, adv_fraction=0.2)
+    >>> [(s.observe(e), s.batch_size) for e in (10.0, 6.0, 4.9, 4.0, 4.0, 1.0)]
+    [(False, 128), (False, 128), (True, 256), (False, 256), (True, 512), (True, 1024)]
+    >>> s.lr_scale, s.adv_fraction, s.wants_checks
+    (8.0, 0.0, False)
+    """
+
+    adaptive = True
+
+    def __init__(self, batch_size: int, max_batch_size: int, *, alpha: float = 2.0, beta: float = 2,
+                 kappa: int = 10, adv_fraction: float = 0.0, adv_decay: float = 2.0, lr_scaling: str = "linear",
+                 lr_decay: float = 1.0, lr_decay_epochs: Sequence[float] = (), adv_stop_epoch: float | None = None):
+        _check_batch(batch_size, max_batch_size)
+        _check_decay(lr_decay, lr_decay_epochs)
+        if not alpha > 1:
+            raise ValueError(f"alpha must be > 1, got {alpha}")
+        if not beta > 1:
+            raise ValueError(f"beta must be > 1, got {beta}")
+        if kappa < 1:
+            raise ValueError(f"kappa must be >= 1, got {kappa}")
+        if not 0 <= adv_fraction <= 1:
+            raise ValueError(f"adv_fraction must be in [0, 1], got {adv_fraction}")
+        if adv_decay < 1:
+            raise ValueError(f"adv_decay must be >= 1, got {adv_decay}")
+        if lr_scaling not in LR_RULES:
+            raise ValueError(f"lr_scaling must be one of {LR_RULES}, got {lr_scaling!r}")
+        self.initial_batch_size, self.max_batch_size = batch_size, max_batch_size
+        self.alpha, self.beta, self.kappa = alpha, beta, kappa
+        self.adv_decay, self.lr_scaling = adv_decay, lr_scaling
+        self.lr_decay, self.lr_decay_epochs, self.adv_stop_epoch = lr_decay, tuple(lr_decay_epochs), adv_stop_epoch
+        # the state: what cannot be recomputed from progress
+        self.batch_size = batch_size
+        self.reference: float | None = None
+        self.checks_without_growth = 0
+        self.adv_fraction = adv_fraction if batch_size < max_batch_size else 0.0
+        self.growths = 0
+
+    @property
+    def lr_scale(self) -> float:
+        ratio = self.batch_size / self.initial_batch_size
+        return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.lr_scaling]
+
+    @property
+    def wants_checks(self) -> bool:  # type: ignore[override]
+        return self.batch_size < self.max_batch_size
+
+    def _grow(self) -> None:
+        self.batch_size = min(int(round(self.batch_size * self.beta)), self.max_batch_size)
+        self.adv_fraction = 0.0 if self.batch_size >= self.max_batch_size else self.adv_fraction / self.adv_decay
+        self.checks_without_growth = 0
+        self.growths += 1
+
+    def observe(self, eigenvalue: float) -> bool:
+        if not self.wants_checks or not math.isfinite(eigenvalue):
+            return False
+        if self.reference is None:
+            self.reference = eigenvalue
+            return False
+        if eigenvalue <= self.reference / self.alpha:
+            self.reference = eigenvalue
+            self._grow()
+            return True
+        self.checks_without_growth += 1
+        if self.checks_without_growth >= self.kappa:
+            self._grow()
+            return True
+        return False
+
+    def at(self, epoch: float) -> StepSettings:
+        adv = self.adv_fraction
+        if self.adv_stop_epoch is not None and epoch >= self.adv_stop_epoch:
+            adv = 0.0
+        return StepSettings(self.batch_size, step_decay(epoch, self.lr_decay, self.lr_decay_epochs) * self.lr_scale, adv)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "reference": self.reference,
+                "checks_without_growth": self.checks_without_growth, "adv_fraction": self.adv_fraction,
+                "growths": self.growths}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_size = int(state["batch_size"])
+        self.reference = state["reference"]
+        self.checks_without_growth = int(state["checks_without_growth"])
+        self.adv_fraction = float(state["adv_fraction"])
+        self.growths = int(state["growths"])
+
+
+STRATEGIES = ("bl", "fb", "gg", "abs", "absa")
+
+
+def build_schedule(strategy: str, *, batch_size: int, max_batch_size: int, base_batch_size: int | None = None,
+                   lr_decay: float = 0.2, lr_decay_epochs: Sequence[float] = (), warmup_epochs: float = 5.0,
+                   alpha: float = 2.0, beta: float = 2, kappa: int = 10, adv_fraction: float = 0.2,
+                   adv_decay: float = 2.0, adv_stop_epoch: float | None = None,
+                   lr_scaling: str = "linear") -> Schedule:
+    """The strategy by name. FB trains at ``max_batch_size`` with ``batch_size`` as the LR's
+    reference batch; ABS is ABSA with no adversarial examples."""
+    if strategy == "bl":
+        return ConstantBatch(batch_size, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs)
+    if strategy == "fb":
+        return LinearScalingWarmup(max_batch_size, base_batch_size=base_batch_size or batch_size,
+                                   warmup_epochs=warmup_epochs, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs)
+    if strategy == "gg":
+        return IncreaseBatch(batch_size, max_batch_size, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs)
+    if strategy in ("abs", "absa"):
+        return AdaptiveBatchSize(
+            batch_size, max_batch_size, alpha=alpha, beta=beta, kappa=kappa,
+            adv_fraction=adv_fraction if strategy == "absa" else 0.0, adv_decay=adv_decay, lr_scaling=lr_scaling,
+            lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs, adv_stop_epoch=adv_stop_epoch,
+        )
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

@@ -1,0 +1,520 @@
+"""The training loop: Accelerate (and its DeepSpeed plugin) around the core library.
+
+One optimizer step, top to bottom (DESIGN.md's flow):
+  settings = schedule.at(epoch)            global batch, LR multiplier, adversarial fraction
+  plan     = make_plan(B, micro, world)    micro-batch x accumulation x processes
+  for each micro-batch: [FGSM on a gamma fraction, same autocast] -> forward -> backward (no sync
+  until the last one) ; lr = base x multiplier ; optimizer step
+  every hessian_every samples: top eigenvalue -> schedule.observe -> maybe a new plan next step
+
+Single process:            scaling-abs train model=mlp epochs=1
+Two processes on one node: accelerate launch --multi_gpu --num_processes 2 -m scaling_abs train ...
+                           torchrun --nproc_per_node 2 --master_addr 127.0.0.1 -m scaling_abs train ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from scaling_abs import curvature, distributed
+from scaling_abs.adversarial import mix_adversarial
+from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan
+from scaling_abs.config import TrainConfig, dump_config, validate
+from scaling_abs.data import build_dataset, collate_batch
+from scaling_abs.errors import UserError
+from scaling_abs.models import build_model, count_parameters, model_default_augmentation
+from scaling_abs.schedules import build_schedule
+
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class TrainState:
+    """What the loop needs to resume, beyond model/optimizer/schedule: the stream position."""
+
+    samples: int = 0
+    step: int = 0
+    checks: int = 0
+    next_check: int = 0
+    next_eval: int = 0
+    curvature_time_s: float = 0.0
+    adversarial_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    max_batch_size: int = 0
+    last_loss: float = float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints at the next optimizer-step boundary and stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> _Preemption:
+        if threading_main():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _build_accelerator(cfg: TrainConfig, plan: Plan):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    cpu = not torch.cuda.is_available()
+    kwargs: dict[str, Any] = {"mixed_precision": cfg.mixed_precision, "cpu": cpu}
+    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without cpu=True torchrun's processes trained independently, silently (DESIGN pitfalls).
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    if cfg.deepspeed:
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=_deepspeed_config(cfg, plan))
+    return Accelerator(**kwargs)
+
+
+def _deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
+    """Read the JSON and fill its "auto" values from the run's settings."""
+    try:
+        ds = json.loads(Path(cfg.deepspeed).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"deepspeed: cannot read {cfg.deepspeed}: {e}") from None
+    fill = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.accumulation,
+        # Explicit: Accelerate's plugin defaulted to 1.0 (DESIGN pitfalls).
+        "gradient_clipping": cfg.grad_clip,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    for prec, on in (("bf16", cfg.mixed_precision == "bf16"), ("fp16", cfg.mixed_precision == "fp16")):
+        if isinstance(ds.get(prec), dict) and ds[prec].get("enabled") == "auto":
+            ds[prec]["enabled"] = on
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a half-written one is a .tmp folder and never listed)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    done = [p for p in done if (p / "trainer_state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+class Trainer:
+    """Builds everything from a config and runs it; :meth:`fit` returns the summary dict."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        validate(cfg, world_size=world)
+        self.schedule = build_schedule(
+            cfg.strategy,
+            batch_size=cfg.batch_size,
+            max_batch_size=cfg.max_batch_size,
+            base_batch_size=cfg.batch_size,
+            lr_decay=cfg.lr_decay,
+            lr_decay_epochs=tuple(cfg.lr_decay_epochs),
+            warmup_epochs=cfg.warmup_epochs,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            kappa=cfg.kappa,
+            adv_fraction=cfg.adv_fraction,
+            adv_decay=cfg.adv_decay,
+            adv_stop_epoch=cfg.resolved_adv_stop_epoch,
+            lr_scaling=cfg.lr_scaling,
+        )
+        first = self.schedule.at(0.0)
+        self.plan = make_plan(first.batch_size, cfg.micro_batch_size, world)
+        self.accelerator = _build_accelerator(cfg, self.plan)
+        acc = self.accelerator
+        assert acc.num_processes == world, f"Accelerate sees {acc.num_processes} processes, env says {world}"
+        torch.manual_seed(cfg.seed)
+
+        aug = model_default_augmentation(cfg.model) if cfg.augmentation == "auto" else cfg.augmentation
+        self.data = build_dataset(
+            cfg.dataset,
+            data_dir=cfg.data_dir or None,
+            augmentation=aug,
+            download=cfg.download,
+            limit_train_samples=cfg.limit_train_samples or None,
+        )
+        d = self.data
+        self.model = build_model(
+            cfg.model, num_classes=d.num_classes, in_channels=d.in_channels, image_size=d.image_size,
+            mean=d.mean, std=d.std,
+        )
+        self.num_params = count_parameters(self.model)
+        optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.engine = self.model if acc.distributed_type.name == "DEEPSPEED" else None
+        self.n_train = len(d.train)
+        self.order = SampleOrder(self.n_train, seed=cfg.seed)
+        self.total_samples = int(math.ceil(cfg.epochs * self.n_train))
+        self.check_every = cfg.hessian_every or self.n_train
+        self.eval_every = max(1, int(round(cfg.eval_every * self.n_train)))
+        self.state = TrainState(next_check=self.check_every, next_eval=self.eval_every)
+        acc.register_for_checkpointing(self.schedule, self.state)
+        self._loader_iter = None
+        self._metrics = None
+        self._tb = None
+
+    # -- helpers -----------------------------------------------------------------------
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def epoch(self) -> float:
+        return self.state.samples / self.n_train
+
+    def _loader(self, plan: Plan):
+        """A DataLoader over this rank's micro-batches from the current stream position."""
+        sampler = MicroBatchSampler(self.order, plan, self.state.samples, rank=self.accelerator.process_index)
+        return torch.utils.data.DataLoader(
+            self.data.train,
+            batch_sampler=sampler,
+            num_workers=self.cfg.num_workers,
+            collate_fn=collate_batch,
+            pin_memory=self.accelerator.device.type == "cuda",
+        )
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            kind = record["kind"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("kind", "step", "samples"):
+                    self._tb.add_scalar(f"{kind}/{key}", value, record.get("samples", 0))
+
+    def _open_logs(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.out / "config.yaml")
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            # A resumed run replays the steps after its checkpoint: drop their old records.
+            keep = [line for line in metrics.read_text().splitlines()
+                    if line and json.loads(line).get("samples", 0) <= self.state.samples]
+            metrics.write_text("".join(line + "\n" for line in keep))
+        self._metrics = open(self.out / "metrics.jsonl", "a")
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                self._tb = None
+            else:
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+
+    # -- one optimizer step ----------------------------------------------------------------
+    def _train_step(self, plan: Plan, lr: float, adv_fraction: float) -> float:
+        acc, cfg = self.accelerator, self.cfg
+        self.model.train()
+        total_loss = torch.zeros((), device=acc.device)
+        for j in range(plan.accumulation):
+            inputs, targets = next(self._loader_iter)
+            inputs, targets = inputs.to(acc.device), targets.to(acc.device)
+            last = j == plan.accumulation - 1
+            with acc.autocast():
+                if adv_fraction > 0 and cfg.adv_eps > 0:
+                    t0 = time.perf_counter()
+                    # FGSM on the unwrapped model: eval mode, no DDP hooks, grads untouched.
+                    inputs = mix_adversarial(self.raw_model, inputs, targets, adv_fraction, cfg.adv_eps)
+                    self.state.adversarial_time_s += time.perf_counter() - t0
+                loss = F.cross_entropy(self.model(inputs), targets)
+            total_loss += loss.detach()
+            if self.engine is not None:
+                # Straight to the engine: it scales by its own accumulation count (set with
+                # set_train_batch_size) and steps at the boundary we mark. Accelerate's wrapper would
+                # mark every micro-batch a boundary outside its `accumulate` context.
+                self.engine.set_gradient_accumulation_boundary(last)
+                if last:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                self.engine.backward(loss)
+                if last:
+                    self.engine.step()
+            else:
+                # Accelerate's gradient_accumulation_steps stays 1 (so its backward does not rescale);
+                # the plan's accumulation is explicit here, and no_sync skips the all-reduce until the
+                # last micro-batch of the step.
+                sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+                with sync:
+                    acc.backward(loss / plan.accumulation)
+        if self.engine is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr  # base schedule x strategy multiplier, applied at step time
+            if cfg.grad_clip > 0:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        # sync point: the loss is logged every step (mean over micro-batches and ranks)
+        mean = acc.reduce(total_loss / plan.accumulation, reduction="mean")
+        return float(mean)
+
+    def _set_plan(self, plan: Plan) -> None:
+        if self.engine is not None and plan.global_batch != self.engine.train_batch_size():
+            # Only at an optimizer-step boundary (DESIGN pitfalls); moves DeepSpeed's accumulation count.
+            self.engine.set_train_batch_size(plan.global_batch)
+        self.plan = plan
+        self._loader_iter = iter(self._loader(plan))
+
+    # -- curvature check --------------------------------------------------------------------
+    def _hessian_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of a seeded draw of ``hessian_samples`` training samples, micro-batched."""
+        cfg, acc = self.cfg, self.accelerator
+        n = min(cfg.hessian_samples, self.n_train)
+        n -= n % acc.num_processes
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.state.checks)
+        idx = torch.randperm(self.n_train, generator=g)[:n].tolist()
+        share = n // acc.num_processes
+        idx = idx[acc.process_index * share : (acc.process_index + 1) * share]
+        batches = []
+        for i in range(0, len(idx), cfg.micro_batch_size):
+            x, y = collate_batch(_fetch(self.data.train, idx[i : i + cfg.micro_batch_size]))
+            batches.append((x.to(acc.device), y.to(acc.device)))
+        return batches
+
+    def _check(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        model = self.raw_model
+        params = curvature.resolve_block(model, cfg.hessian_block)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        result = curvature.top_eigenvalue(
+            model, curvature.cross_entropy_loss, self._hessian_batches(), params=params,
+            max_iter=cfg.hessian_iters, tol=cfg.hessian_tol, seed=cfg.seed + self.state.checks,
+            bn_mode=cfg.hessian_bn_mode, autocast_dtype=dtype,
+        )
+        before = self.schedule.at(self.epoch).batch_size
+        grew = self.schedule.observe(result.eigenvalue)  # every rank sees the same all-reduced value
+        after = self.schedule.at(self.epoch).batch_size
+        seconds = time.perf_counter() - t0
+        self.state.curvature_time_s += seconds
+        self.state.checks += 1
+        return {
+            "kind": "check", "step": self.state.step, "samples": self.state.samples, "epoch": self.epoch,
+            "eigenvalue": result.eigenvalue, "iterations": result.iterations, "converged": result.converged,
+            "finite": result.finite, "hessian_samples": self.cfg.hessian_samples, "block": cfg.hessian_block,
+            "seconds": seconds, "batch_before": before, "batch_after": after, "grew": grew,
+        }
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        acc = self.accelerator
+        model = self.model  # the wrapper: DeepSpeed ZeRO-3 gathers parameters in its forward
+        was_training = model.training
+        model.eval()
+        n = len(self.data.test)
+        idx = list(range(acc.process_index, n, acc.num_processes))
+        correct = torch.zeros((), dtype=torch.float64, device=acc.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        bs = max(self.cfg.micro_batch_size, 256)
+        for i in range(0, len(idx), bs):
+            x, y = collate_batch(_fetch(self.data.test, idx[i : i + bs]))
+            x, y = x.to(acc.device), y.to(acc.device)
+            with acc.autocast():
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum().double()
+        model.train(was_training)
+        stats = distributed.all_reduce_sum_([torch.stack([correct, loss_sum])])[0]
+        # sync point: evaluation results are logged
+        return {"test_accuracy": float(stats[0]) / n, "test_loss": float(stats[1]) / n}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Atomic: Accelerate writes into a temp folder that is renamed when complete."""
+        acc = self.accelerator
+        root = self.out / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{self.state.step}"
+        tmp = root / f".tmp-{CHECKPOINT_PREFIX}{self.state.step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(self.state.state_dict()))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in _checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _resume(self) -> Path | None:
+        cfg = self.cfg
+        if not cfg.resume:
+            return None
+        if cfg.resume == "auto":
+            found = _checkpoints(self.out)
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = Path(cfg.resume)
+            if not (path / "trainer_state.json").exists():
+                raise UserError(f"resume: {path} is not a complete scaling_abs checkpoint")
+        self.accelerator.load_state(str(path))
+        return path
+
+    # -- the run -------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        acc, cfg, state = self.accelerator, self.cfg, self.state
+        resumed = self._resume()
+        self._open_logs()
+        if resumed is not None:
+            self._log({"kind": "resume", "checkpoint": str(resumed), "samples": state.samples, "step": state.step})
+        bar = None
+        if cfg.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_samples, initial=min(state.samples, self.total_samples),
+                       unit="sample", unit_scale=True, dynamic_ncols=True)
+        start = time.perf_counter() - state.wall_time_s
+        interrupted = False
+        ckpt_epoch = int(state.samples // self.n_train)
+        with _Preemption() as preempt:
+            while state.samples < self.total_samples:
+                settings = self.schedule.at(self.epoch)
+                plan = make_plan(settings.batch_size, cfg.micro_batch_size, acc.num_processes)
+                if plan != self.plan or self._loader_iter is None:
+                    self._set_plan(plan)
+                lr = cfg.lr * settings.lr_multiplier
+                t0 = time.perf_counter()
+                loss = self._train_step(plan, lr, settings.adv_fraction)
+                state.samples += plan.global_batch
+                state.step += 1
+                state.last_loss = loss
+                state.max_batch_size = max(state.max_batch_size, plan.global_batch)
+                self._log({
+                    "kind": "step", "step": state.step, "samples": state.samples, "epoch": self.epoch,
+                    "batch_size": plan.global_batch, "micro_batch": plan.micro, "accumulation": plan.accumulation,
+                    "lr": lr, "adv_fraction": settings.adv_fraction, "loss": loss,
+                    "step_time_s": time.perf_counter() - t0,
+                })
+                if bar is not None:
+                    bar.update(min(plan.global_batch, self.total_samples - bar.n))
+                    bar.set_postfix(epoch=f"{self.epoch:.2f}", batch=plan.global_batch, lr=f"{lr:.3g}",
+                                    loss=f"{loss:.4f}", refresh=False)
+                if state.samples >= state.next_check:
+                    state.next_check += self.check_every * (1 + (state.samples - state.next_check) // self.check_every)
+                    if self.schedule.adaptive and getattr(self.schedule, "wants_checks", True):
+                        record = self._check()
+                        self._log(record)
+                        if bar is not None:
+                            bar.write(f"check @ epoch {self.epoch:.2f}: eigenvalue {record['eigenvalue']:.4g}, "
+                                      f"batch {record['batch_before']} -> {record['batch_after']}")
+                if state.samples >= state.next_eval or state.samples >= self.total_samples:
+                    state.next_eval += self.eval_every * (1 + (state.samples - state.next_eval) // self.eval_every)
+                    self._log({"kind": "eval", "step": state.step, "samples": state.samples, "epoch": self.epoch,
+                               **self.evaluate()})
+                state.wall_time_s = time.perf_counter() - start
+                epoch_now = int(state.samples // self.n_train)
+                due = (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
+                    not cfg.checkpoint_every and epoch_now > ckpt_epoch
+                )
+                ckpt_epoch = epoch_now
+                # every rank must agree to stop: a signal may reach only some of them
+                stop = bool(distributed.all_reduce_sum(float(preempt.requested)))
+                if due or stop:
+                    self.save_checkpoint()
+                if stop:
+                    interrupted = True
+                    break
+        if bar is not None:
+            bar.close()
+        return self._finish(interrupted)
+
+    def _finish(self, interrupted: bool) -> dict[str, Any]:
+        acc, state = self.accelerator, self.state
+        final_eval = self.evaluate()
+        summary = {
+            "test_accuracy": final_eval["test_accuracy"], "test_loss": final_eval["test_loss"],
+            "updates": state.step, "samples": state.samples, "epochs": self.epoch,
+            "wall_time_s": state.wall_time_s, "curvature_time_s": state.curvature_time_s,
+            "adversarial_time_s": state.adversarial_time_s, "curvature_checks": state.checks,
+            "max_batch_size": state.max_batch_size, "final_train_loss": state.last_loss,
+            "interrupted": interrupted, "num_params": self.num_params, "processes": acc.num_processes,
+            "strategy": self.cfg.strategy, "model": self.cfg.model, "dataset": self.cfg.dataset,
+        }
+        if acc.is_main_process:
+            if not interrupted:
+                from safetensors.torch import save_model
+
+                save_model(self.raw_model, str(self.out / "model.safetensors"))
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._metrics.close()
+            if self._tb is not None:
+                self._tb.close()
+        acc.wait_for_everyone()
+        return summary
+
+    def close(self) -> None:
+        """Release model, optimizer and loaders before the process ends (a 2-process CPU run
+        aborted at exit otherwise: DESIGN pitfalls)."""
+        self.accelerator.wait_for_everyone()
+        self._loader_iter = None
+        self.model = self.optimizer = self.engine = None
+        self.accelerator.free_memory()
+        gc.collect()
+
+
+def _fetch(dataset, indices: list[int]):
+    if hasattr(dataset, "__getitems__"):
+        return dataset.__getitems__(indices)
+    return [dataset[i] for i in indices]
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Library entry point: build, fit, close. Returns the summary (also in output_dir/summary.json)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

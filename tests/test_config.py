@@ -1,0 +1,88 @@
+import pytest
+
+from scaling_abs.config import TrainConfig, list_presets, load_config, parse_overrides, validate
+from scaling_abs.errors import ConfigError
+
+
+def test_defaults_validate_and_are_the_embedded_default():
+    cfg = load_config()
+    assert (cfg.strategy, cfg.model, cfg.dataset) == ("absa", "cnn", "fashion_mnist")
+    assert cfg.resolved_adv_stop_epoch == cfg.epochs / 2
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["lr=0.1", "epochs=2", "lr_decay_epochs=[1, 1.5]", "progress=false", "strategy=bl"])
+    assert cfg.lr == 0.1 and cfg.epochs == 2.0 and cfg.lr_decay_epochs == [1.0, 1.5]
+    assert cfg.progress is False and cfg.strategy == "bl"
+    assert parse_overrides(["deepspeed="]) == {"deepspeed": ""}
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_validates(preset):
+    cfg = load_config(preset)
+    assert cfg.epochs > 0 and cfg.lr > 0
+    for strategy in ("bl", "fb", "gg", "abs", "absa"):
+        load_config(preset, [f"strategy={strategy}"])
+
+
+def test_paper_presets_follow_appendix_b():
+    i3 = load_config("i3")
+    assert (i3.model, i3.dataset, i3.epochs, i3.lr, i3.lr_decay, i3.lr_decay_epochs) == (
+        "i3", "imagenet", 90, 0.1, 0.1, [30.0, 60.0, 80.0])
+    s1 = load_config("s1")
+    assert (s1.hessian_every, s1.lr, s1.lr_decay, s1.lr_decay_epochs) == (65536, 0.01, 0.2, [5.0, 10.0, 15.0])
+    for p in ("s1", "c1", "i3"):
+        cfg = load_config(p)
+        assert (cfg.alpha, cfg.beta, cfg.kappa, cfg.adv_eps, cfg.adv_fraction, cfg.adv_decay) == (2, 2, 10, 0.005, 0.2, 2)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("nonsense=1", "nonsense"),
+        ("lr=abc", "lr"),
+        ("lr=.nan", "lr"),
+        ("lr=-1", "lr"),
+        ("epochs=0", "epochs"),
+        ("batch_size=1.5", "batch_size"),
+        ("max_batch_size=64", "max_batch_size"),
+        ("beta=1", "beta"),
+        ("alpha=0.5", "alpha"),
+        ("adv_fraction=1.5", "adv_fraction"),
+        ("adv_eps=-0.1", "adv_eps"),
+        ("strategy=sgd", "strategy"),
+        ("model=resnet1000", "model"),
+        ("dataset=mnist3d", "dataset"),
+        ("lr_scaling=cubic", "lr_scaling"),
+        ("hessian_block=first:2", "hessian_block"),
+        ("mixed_precision=fp8", "mixed_precision"),
+        ("deepspeed=/no/such/ds.json", "deepspeed"),
+        ("data_dir=/no/such/dir", "data_dir"),
+        ("micro_batch_size=48", "batch_size"),
+        ("lr_decay_epochs=[3, 1]", "lr_decay_epochs"),
+        ("progress=maybe", "progress"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        load_config(None, [override])
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [0.1\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(listy))
+
+
+def test_batch_must_divide_over_processes():
+    cfg = TrainConfig(batch_size=96, max_batch_size=96 * 8)
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="batch_size"):
+        validate(TrainConfig(batch_size=100, max_batch_size=800), world_size=3)

@@ -1,0 +1,144 @@
+"""The loop's promises: accumulation == one big batch, N processes == 1, resume == uninterrupted."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scaling_abs.config import load_config
+from scaling_abs.trainer import Trainer, _checkpoints, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small, fast, exact: fp32, a model without batch statistics, plain SGD.
+BASE = {
+    "model": "mlp", "limit_train_samples": 1024, "epochs": 0.5, "batch_size": 64, "max_batch_size": 256,
+    "micro_batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "progress": False,
+    "tensorboard": False, "hessian_samples": 128, "hessian_iters": 5, "eval_every": 0.25,
+}
+
+
+def run(tmp_path: Path, name: str, **overrides) -> tuple[dict, dict]:
+    cfg = load_config(None, {**BASE, "output_dir": str(tmp_path / name), **overrides})
+    summary = train(cfg)
+    return summary, load_file(str(tmp_path / name / "model.safetensors"))
+
+
+def assert_close(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=rtol * a[k].abs().max().item(), msg=k)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    s1, w1 = run(tmp_path, "whole", strategy="bl", micro_batch_size=64)
+    s4, w4 = run(tmp_path, "micro", strategy="bl", micro_batch_size=16)
+    assert s1["updates"] == s4["updates"] == 8
+    assert_close(w1, w4, rtol=1e-5)
+
+
+def test_outputs_and_batch_growth(tmp_path):
+    summary, _ = run(tmp_path, "abs", strategy="absa", hessian_every=128, kappa=1, micro_batch_size=32)
+    out = tmp_path / "abs"
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    for key in ("test_accuracy", "updates", "samples", "wall_time_s", "curvature_time_s", "adversarial_time_s",
+                "max_batch_size", "final_train_loss", "interrupted"):
+        assert key in summary
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["interrupted"] is False
+    records = read_metrics(out)
+    steps = [r for r in records if r["kind"] == "step"]
+    checks = [r for r in records if r["kind"] == "check"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(steps) == summary["updates"] and evals and checks
+    # kappa=1: every check after the first grows the batch until max_batch_size
+    assert checks[1]["batch_after"] == 2 * checks[1]["batch_before"]
+    assert summary["max_batch_size"] == 256
+    sizes = [r["batch_size"] for r in steps]
+    assert sizes == sorted(sizes) and sizes[0] == 64
+    # linear LR rule: lr / batch stays constant while the base schedule has not decayed
+    assert {round(r["lr"] / r["batch_size"], 12) for r in steps} == {round(0.05 / 64, 12)}
+    # adversarial fraction decays by omega at growth and is 0 from tau = epochs / 2
+    assert steps[0]["adv_fraction"] == pytest.approx(0.2)
+    assert all(r["adv_fraction"] == 0 for r in steps if (r["samples"] - r["batch_size"]) / 1024 >= 0.25)
+    assert any(r["adv_fraction"] == 0 for r in steps)
+    assert summary["curvature_time_s"] > 0 and summary["adversarial_time_s"] > 0
+
+
+def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypatch):
+    common = {"strategy": "abs", "hessian_every": 256, "kappa": 1, "micro_batch_size": 32}
+    full, w_full = run(tmp_path, "full", **common)
+
+    out = tmp_path / "preempted"
+    cfg = load_config(None, {**BASE, **common, "output_dir": str(out)})
+    original = Trainer._train_step
+    calls = {"n": 0}
+
+    def step_then_sigterm(self, *args):
+        calls["n"] += 1
+        loss = original(self, *args)
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: checkpoint at the step boundary, stop
+        return loss
+
+    monkeypatch.setattr(Trainer, "_train_step", step_then_sigterm)
+    first = train(cfg)
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    assert first["interrupted"] is True and first["updates"] == 3
+    assert [p.name for p in _checkpoints(out)] == ["step_3"]
+
+    resumed = train(load_config(None, {**BASE, **common, "output_dir": str(out), "resume": "auto"}))
+    assert (resumed["updates"], resumed["samples"]) == (full["updates"], full["samples"])
+    assert resumed["max_batch_size"] == full["max_batch_size"]
+    assert_close(w_full, load_file(str(out / "model.safetensors")), rtol=1e-6)
+    steps = [r["step"] for r in read_metrics(out) if r["kind"] == "step"]
+    assert steps == list(range(1, full["updates"] + 1))  # no step logged twice
+
+
+def test_half_written_checkpoints_are_never_picked_up(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_12").mkdir(parents=True)
+    (root / "step_9").mkdir()  # no trainer_state.json: the rename never happened
+    (root / "step_4").mkdir()
+    (root / "step_4" / "trainer_state.json").write_text("{}")
+    assert [p.name for p in _checkpoints(tmp_path)] == ["step_4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    overrides = {**BASE, "strategy": "abs", "hessian_every": 128, "kappa": 1, "micro_batch_size": 16,
+                 "hessian_iters": 10, "hessian_tol": 0.0}
+    one, w_one = run(tmp_path, "one", **overrides)
+    out = tmp_path / "two"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "tests" / "_dist_train_worker.py"),
+           json.dumps({**overrides, "output_dir": str(out)}), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    # the ranks really synchronised (a silent no-sync run would differ here)
+    assert_close(r0, r1, rtol=0.0)
+    assert_close(w_one, r0, rtol=1e-4)
+    two = json.loads((out / "summary.json").read_text())
+    assert (two["updates"], two["samples"], two["processes"]) == (one["updates"], one["samples"], 2)
+    eig_one = [r["eigenvalue"] for r in read_metrics(tmp_path / "one") if r["kind"] == "check"]
+    eig_two = [r["eigenvalue"] for r in read_metrics(out) if r["kind"] == "check"]
+    assert len(eig_one) == len(eig_two) > 1
+    torch.testing.assert_close(torch.tensor(eig_two), torch.tensor(eig_one), rtol=1e-4, atol=0.0)
