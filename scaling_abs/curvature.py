@@ -105,11 +105,19 @@ def preserved_state(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    # Batch statistics without touching running stats: a BatchNorm in train mode that does not
+    # track them normalises by the batch and writes nothing (forward-mode AD rejects in-place updates).
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
     with preserved_modes(model):
         model.train(bn_mode == "train")
+        if bn_mode == "train":
+            for m in norms:
+                m.track_running_stats = False
         try:
             yield
         finally:
+            for m in norms:
+                m.track_running_stats = True
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
@@ -124,6 +132,15 @@ def _batch_size(batch: Any) -> int:
     if isinstance(batch, dict):
         return _batch_size(next(iter(batch.values())))
     return _batch_size(batch[0])
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulation precision: fp32 for half types and fp32, fp64 stays fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _zeros(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
 
 def _autocast(params: Sequence[torch.Tensor], dtype: torch.dtype | None):
@@ -147,18 +164,18 @@ def _double_backward(model, loss_fn, batch, params, vector, autocast_dtype):
         loss = loss_fn(model, batch)
     grads = torch.autograd.grad(loss.float() * scale, params, create_graph=True, allow_unused=True)
     pairs = [(g, v) for g, v in zip(grads, vector) if g is not None]
-    dot = sum((g.float() * v.to(g.dtype)).sum() for g, v in pairs)
+    dot = sum((_acc(g) * v.to(_acc(g).dtype)).sum() for g, v in pairs)
     used = [p for p, g in zip(params, grads) if g is not None]
     hv_used = iter(torch.autograd.grad(dot, used, allow_unused=True)) if used else iter(())
     out_g, out_h = [], []
     for p, g in zip(params, grads):
         if g is None:
-            out_g.append(torch.zeros_like(p, dtype=torch.float32))
-            out_h.append(torch.zeros_like(p, dtype=torch.float32))
+            out_g.append(_zeros(p))
+            out_h.append(_zeros(p))
             continue
         h = next(hv_used)
-        out_g.append(g.detach().float() / scale)
-        out_h.append(torch.zeros_like(p, dtype=torch.float32) if h is None else h.float() / scale)
+        out_g.append(_acc(g.detach()) / scale)
+        out_h.append(_zeros(p) if h is None else _acc(h) / scale)
     return out_g, out_h
 
 
@@ -191,7 +208,7 @@ def _forward_over_reverse(model, loss_fn, batch, params, vector, autocast_dtype)
     primals = tuple(p.detach() for p in params)
     tangents = tuple(v.to(p.dtype) for p, v in zip(params, vector))
     g, h = jvp(grad(loss_of, argnums=tuple(range(len(params)))), primals, tangents)
-    return [x.float() for x in g], [x.float() for x in h]
+    return [_acc(x) for x in g], [_acc(x) for x in h]
 
 
 def _resolve_method(model: nn.Module, method: str, autocast_dtype, device: torch.device) -> str:
@@ -207,7 +224,8 @@ def _resolve_method(model: nn.Module, method: str, autocast_dtype, device: torch
 def grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch: Any, vector: Sequence[torch.Tensor], *,
                  params: Sequence[torch.Tensor], method: str = "auto",
                  autocast_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Gradient and HVP of ``loss_fn(model, batch)`` w.r.t. ``params`` in one call (fp32 results).
+    """Gradient and HVP of ``loss_fn(model, batch)`` w.r.t. ``params`` in one call (fp32 results,
+    fp64 for fp64 parameters).
     No mode or buffer handling: the public functions wrap this in :func:`preserved_state`."""
     chosen = _resolve_method(model, method, autocast_dtype, params[0].device)
     if chosen == "double_backward":
@@ -263,7 +281,7 @@ class HessianOperator:
         self.weights = [n / self.samples for n in sizes]
 
     def __call__(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        total = [_zeros(p) for p in self.params]
         for batch, w in zip(self.batches, self.weights):
             _, h = grad_and_hvp(self.model, self.loss_fn, batch, vector, params=self.params, method=self.method,
                                 autocast_dtype=self.autocast_dtype)
@@ -301,7 +319,7 @@ def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], *,
     params = _trainable(model, params)
     gen = torch.Generator().manual_seed(seed)
     # Same start vector on every rank: drawn on the CPU from the seed, then moved.
-    v = _normalize([torch.randn(p.shape, generator=gen).to(p.device) for p in params])
+    v = _normalize([torch.randn(p.shape, generator=gen).to(p.device, _zeros(p).dtype) for p in params])
     eig, converged, finite, it = float("nan"), False, True, 0
     with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
         op = HessianOperator(model, loss_fn, batches, params, method=method, autocast_dtype=autocast_dtype)
@@ -333,7 +351,7 @@ def hutchinson_trace(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], 
     with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
         op = HessianOperator(model, loss_fn, batches, params, method=method, autocast_dtype=autocast_dtype)
         for _ in range(n_samples):
-            v = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).float().to(p.device) for p in params]
+            v = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, _zeros(p).dtype) for p in params]
             values.append(float(_dot(op(v), v)))  # sync point: one value per probe
     t = torch.tensor(values, dtype=torch.float64)
     finite = bool(torch.isfinite(t).all())

@@ -1,0 +1,96 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaling_abs.adversarial import adversarial_count, fgsm, mix_adversarial
+
+
+def linear_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(6, 4).double()
+
+
+def test_fgsm_matches_closed_form_on_a_linear_model():
+    model = linear_model()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 6, generator=g, dtype=torch.float64) * 0.8 + 0.1  # away from the bounds
+    y = torch.randint(0, 4, (8,), generator=g)
+    eps = 0.05
+    # d/dx mean CE(Wx + b, y) = W^T (softmax(Wx + b) - onehot(y)) / n
+    p = torch.softmax(x @ model.weight.T + model.bias, dim=1)
+    grad = (p - F.one_hot(y, 4).double()) @ model.weight / x.shape[0]
+    expected = (x + eps * grad.sign()).clamp(0, 1)
+    torch.testing.assert_close(fgsm(model, x, y, eps), expected, rtol=0, atol=1e-12)
+
+
+def test_fgsm_clamps_to_bounds():
+    model = linear_model()
+    x = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.5, 0.5]], dtype=torch.float64)
+    out = fgsm(model, x, torch.tensor([1]), eps=0.5, bounds=(0.0, 1.0))
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    out2 = fgsm(model, x, torch.tensor([1]), eps=0.3, bounds=(0.2, 0.7))
+    assert out2.min() >= 0.2 and out2.max() <= 0.7
+
+
+def test_fgsm_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    model.train()
+    model[2].eval()
+    model(torch.rand(4, 1, 6, 6))
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    modes = [m.training for m in model.modules()]
+    x, y = torch.rand(4, 1, 6, 6), torch.randint(0, 3, (4,))
+    out = fgsm(model, x, y, 0.01)
+    assert not out.requires_grad and out.shape == x.shape
+    assert [m.training for m in model.modules()] == modes
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    for k, v in model.named_parameters():
+        assert torch.equal(v, params[k]), k
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    assert model[4].weight.grad is None
+    # eval mode: the perturbation uses running statistics, so it does not depend on the other rows
+    alone = fgsm(model, x[:1], y[:1], 0.01)
+    torch.testing.assert_close(alone, out[:1])
+
+
+def test_fgsm_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.rand(5, 1, 4, 4), torch.randint(0, 3, (5,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fgsm(model, x, y, 0.01)
+    assert out.dtype == x.dtype
+    delta = (out - x).abs()
+    assert torch.all((delta <= 0.01 + 1e-6))
+    assert (delta > 0).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("n, fraction, k", [(10, 0.2, 2), (128, 0.2, 26), (7, 0.0, 0), (7, 1.0, 7), (3, 0.01, 1)])
+def test_adversarial_count_is_ceil(n, fraction, k):
+    assert adversarial_count(n, fraction) == k
+
+
+def test_mix_replaces_the_first_rows_only():
+    model = linear_model()
+    x = torch.rand(10, 6, dtype=torch.float64) * 0.8 + 0.1
+    y = torch.randint(0, 4, (10,))
+    mixed = mix_adversarial(model, x, y, 0.2, 0.05)
+    torch.testing.assert_close(mixed[:2], fgsm(model, x[:2], y[:2], 0.05))
+    assert torch.equal(mixed[2:], x[2:])
+    assert not torch.equal(mixed[:2], x[:2])
+    assert mix_adversarial(model, x, y, 0.0, 0.05) is x
+
+
+def test_bad_arguments():
+    model = linear_model()
+    x, y = torch.rand(2, 6, dtype=torch.float64), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="eps"):
+        fgsm(model, x, y, -0.1)
+    with pytest.raises(ValueError, match="fraction"):
+        mix_adversarial(model, x, y, 1.5, 0.1)
+    assert torch.equal(fgsm(model, x, y, 0.0), x)

@@ -1,0 +1,260 @@
+"""Curvature against exact answers: dense Hessians of small models, closed forms, side effects."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+from scaling_abs import curvature
+from scaling_abs.curvature import cross_entropy_loss, hutchinson_trace, hvp, last_layers, resolve_block, top_eigenvalue
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["double_backward", "forward_over_reverse"]
+
+
+def tiny_mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+
+
+def tiny_bn_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).double()
+
+
+def data(n: int = 32, seed: int = 1, shape=(5,)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def dense_hessian(model: nn.Module, batch, params=None) -> torch.Tensor:
+    """The exact Hessian of the mean cross entropy w.r.t. ``params`` (flattened), in eval mode."""
+    params = list(model.parameters()) if params is None else params
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+    shapes = [p.shape for p in params]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in params])
+    was = model.training
+    model.eval()
+
+    def f(flat):
+        chunks, i = {}, 0
+        for k, s in zip(keys, shapes):
+            n = int(torch.Size(s).numel())
+            chunks[k] = flat[i : i + n].view(s)
+            i += n
+        x, y = batch
+        return nn.functional.cross_entropy(functional_call(model, chunks, (x,)), y)
+
+    h = torch.autograd.functional.hessian(f, flat0)
+    model.train(was)
+    return h
+
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hvp_matches_dense_hessian(method):
+    model, batch = tiny_mlp(), data()
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(5)
+    v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    got = flat(hvp(model, cross_entropy_loss, batch, v, method=method))
+    expected = dense_hessian(model, batch) @ flat(v)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_block_hvp_is_the_exact_sub_block(method):
+    model, batch = tiny_mlp(), data()
+    block = last_layers(model, 1)
+    assert block == [model[2].weight, model[2].bias]
+    v = [torch.ones_like(p) for p in block]
+    got = flat(hvp(model, cross_entropy_loss, batch, v, params=block, method=method))
+    expected = dense_hessian(model, batch, block) @ flat(v)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_top_eigenvalue_matches_dense_and_is_split_invariant():
+    model, (x, y) = tiny_mlp(), data(48)
+    exact = torch.linalg.eigvalsh(dense_hessian(model, (x, y)))
+    top = exact[exact.abs().argmax()].item()
+    whole = top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=500, tol=1e-10)
+    # uneven micro-batches, weighted by size: the same Hessian of the mean loss
+    split = top_eigenvalue(model, cross_entropy_loss, [(x[:8], y[:8]), (x[8:20], y[8:20]), (x[20:], y[20:])],
+                           max_iter=500, tol=1e-10)
+    assert whole.converged and whole.finite and whole.samples == 48
+    assert whole.eigenvalue == pytest.approx(top, rel=1e-4)
+    assert split.eigenvalue == pytest.approx(whole.eigenvalue, rel=1e-8)
+    # the eigenvector satisfies H v = lambda v
+    hv = flat(hvp(model, cross_entropy_loss, (x, y), whole.eigenvector))
+    torch.testing.assert_close(hv.double(), top * flat(whole.eigenvector).double(), rtol=0, atol=1e-3 * abs(top))
+
+
+def test_block_eigenvalue_matches_dense_sub_block():
+    model, batch = tiny_mlp(), data()
+    block = last_layers(model, 1)
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batch, block))
+    res = top_eigenvalue(model, cross_entropy_loss, [batch], params=block, max_iter=500, tol=1e-10)
+    assert res.eigenvalue == pytest.approx(exact[exact.abs().argmax()].item(), rel=1e-4)
+
+
+def test_seeded_and_does_not_touch_global_rng():
+    model, batch = tiny_mlp(), data()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = top_eigenvalue(model, cross_entropy_loss, [batch], max_iter=3, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = top_eigenvalue(model, cross_entropy_loss, [batch], max_iter=3, seed=7)
+    c = top_eigenvalue(model, cross_entropy_loss, [batch], max_iter=3, seed=8)
+    assert a.eigenvalue == b.eigenvalue and a.eigenvalue != c.eigenvalue
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+@pytest.mark.parametrize("method", ["auto", *METHODS])
+def test_no_side_effects(bn_mode, method):
+    model = tiny_bn_cnn()
+    x, y = data(16, shape=(1, 6, 6))
+    model.train()
+    model[2].eval()  # a mixed-mode model must come back mixed
+    model(x)  # give BatchNorm non-trivial running stats
+    model[0].weight.grad = torch.full_like(model[0].weight, 0.5)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+
+    res = top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=3, method=method, bn_mode=bn_mode)
+    hutchinson_trace(model, cross_entropy_loss, [(x, y)], n_samples=2, method=method, bn_mode=bn_mode)
+
+    assert res.finite
+    assert [m.training for m in model.modules()] == modes
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    for k, p in model.named_parameters():
+        assert torch.equal(p, params[k]), k
+    assert torch.equal(model[0].weight.grad, torch.full_like(model[0].weight, 0.5))
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("0.weight"))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_train_bn_mode_uses_batch_statistics():
+    model = tiny_bn_cnn()
+    x, y = data(16, shape=(1, 6, 6))
+    ev = top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=20, tol=0, bn_mode="eval")
+    tr = top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=20, tol=0, bn_mode="train")
+    assert ev.eigenvalue != pytest.approx(tr.eigenvalue, rel=1e-6)
+    for method in METHODS:  # both methods agree in train mode too (forward-over-reverse clones buffers)
+        v = [torch.ones_like(p) for p in model.parameters()]
+        a = flat(hvp(model, cross_entropy_loss, (x, y), v, method="double_backward", bn_mode="train"))
+        b = flat(hvp(model, cross_entropy_loss, (x, y), v, method=method, bn_mode="train"))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
+def test_activation_checkpointing_gives_the_same_hvp():
+    model, batch = tiny_mlp(), data()
+    wrapped = Checkpointed(model)
+    v = [torch.ones_like(p) for p in model.parameters()]
+    plain = flat(hvp(model, cross_entropy_loss, batch, v, method="double_backward"))
+    ckpt = flat(hvp(wrapped, cross_entropy_loss, batch, v, method="auto"))  # auto falls back if needed
+    torch.testing.assert_close(ckpt, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_autocast_hvp_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    v = [torch.randn_like(p) for p in model.parameters()]
+    full = flat(hvp(model, cross_entropy_loss, (x, y), v))
+    half = flat(hvp(model, cross_entropy_loss, (x, y), v, autocast_dtype=torch.bfloat16))
+    assert half.dtype == torch.float32
+    assert (half - full).norm() / full.norm() < 2e-2
+
+
+def test_non_finite_is_reported_not_raised():
+    model = tiny_mlp()
+    x, y = data()
+    x[0, 0] = float("inf")
+    res = top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=3)
+    assert not res.finite and not res.converged and res.eigenvalue != res.eigenvalue  # NaN
+
+
+def test_hutchinson_trace_matches_dense_trace():
+    model, batch = tiny_mlp(), data()
+    exact = torch.trace(dense_hessian(model, batch)).item()
+    est = hutchinson_trace(model, cross_entropy_loss, [batch], n_samples=400, seed=0)
+    assert est.probes == 400 and est.finite
+    assert abs(est.trace - exact) < 4 * est.std_error + 1e-9
+
+
+def test_vit_attention_in_hvp_matches_between_methods():
+    from scaling_abs.models import build_model
+
+    model = build_model("vit_tiny", num_classes=3, in_channels=1, image_size=8)
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    block = last_layers(model, 2)
+    v = [torch.ones_like(p) for p in block]
+    a = flat(hvp(model, cross_entropy_loss, (x, y), v, params=block, method="double_backward"))
+    b = flat(hvp(model, cross_entropy_loss, (x, y), v, params=block, method="auto"))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_block_helpers_and_bad_arguments():
+    model = tiny_mlp()
+    assert resolve_block(model, "all") == list(model.parameters())
+    assert resolve_block(model, "last:2") == list(model.parameters())
+    for bad in ("first:1", "last:0", "last:x"):
+        with pytest.raises(ValueError, match="hessian_block"):
+            resolve_block(model, bad)
+    with pytest.raises(ValueError, match="n must be"):
+        last_layers(model, 0)
+    with pytest.raises(ValueError, match="method"):
+        hvp(model, cross_entropy_loss, data(), [torch.ones_like(p) for p in model.parameters()], method="magic")
+    with pytest.raises(ValueError, match="bn_mode"):
+        top_eigenvalue(model, cross_entropy_loss, [data()], bn_mode="frozen")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_eigenvalue(tmp_path):
+    model, (x, y) = tiny_mlp(), data(40)
+    one = top_eigenvalue(model, cross_entropy_loss, [(x[:20], y[:20]), (x[20:], y[20:])], max_iter=30, tol=0)
+    worker = ROOT / "tests" / "_dist_curvature_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(worker), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["eigenvalue"] == got[1]["eigenvalue"]
+    assert got[0]["samples"] == 40
+    assert got[0]["eigenvalue"] == pytest.approx(one.eigenvalue, rel=1e-4)
+
+
+def test_curvature_module_exposes_contract_names():
+    for name in ("hvp", "top_eigenvalue", "last_layers", "cross_entropy_loss", "EigenResult", "hutchinson_trace"):
+        assert hasattr(curvature, name)

@@ -1,0 +1,151 @@
+import math
+
+import pytest
+
+from scaling_abs.schedules import (
+    AdaptiveBatchSize,
+    ConstantBatch,
+    IncreaseBatch,
+    LinearScalingWarmup,
+    StepSettings,
+    build_schedule,
+    step_decay,
+)
+
+ALL = ["bl", "fb", "gg", "abs", "absa"]
+
+
+def make(strategy):
+    return build_schedule(strategy, batch_size=128, max_batch_size=2048, lr_decay=0.2, lr_decay_epochs=[5, 10, 15],
+                          warmup_epochs=2, adv_fraction=0.2, adv_stop_epoch=10)
+
+
+def test_step_decay():
+    assert step_decay(0, 0.2, [5, 10]) == 1
+    assert step_decay(5, 0.2, [5, 10]) == pytest.approx(0.2)
+    assert step_decay(12, 0.2, [5, 10]) == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_every_schedule_speaks_the_protocol(strategy):
+    s = make(strategy)
+    first = s.at(0.0)
+    assert isinstance(first, StepSettings) and first.batch_size > 0 and first.lr_multiplier > 0
+    assert 0 <= first.adv_fraction <= 1
+    assert (first.adv_fraction > 0) == (strategy == "absa")
+    assert s.adaptive == (strategy in ("abs", "absa"))
+    # state round trip: a fresh schedule loaded from the state continues identically
+    for eig in (8.0, 3.0, 2.9):
+        s.observe(eig)
+    fresh = make(strategy)
+    fresh.load_state_dict(s.state_dict())
+    for e in (0.0, 4.9, 5.0, 11.0, 16.0):
+        assert fresh.at(e) == s.at(e)
+    assert fresh.observe(1.0) == s.observe(1.0) and fresh.at(1.0) == s.at(1.0)
+
+
+def test_bl():
+    s = ConstantBatch(128, lr_decay=0.2, lr_decay_epochs=[5, 10])
+    assert [s.at(e).batch_size for e in (0, 7, 12)] == [128] * 3
+    assert [round(s.at(e).lr_multiplier, 6) for e in (0, 4.99, 5, 10)] == [1, 1, 0.2, 0.04]
+
+
+def test_fb_warmup_then_linear_scaling_then_decay():
+    s = LinearScalingWarmup(1024, base_batch_size=128, warmup_epochs=4, lr_decay=0.1, lr_decay_epochs=[6])
+    assert s.at(0).lr_multiplier == 1.0
+    assert s.at(2).lr_multiplier == pytest.approx(4.5)  # halfway from 1 to 8
+    assert s.at(4).lr_multiplier == pytest.approx(8.0)
+    assert s.at(6).lr_multiplier == pytest.approx(0.8)
+    assert {s.at(e).batch_size for e in (0, 3, 7)} == {1024}
+
+
+def test_gg_grows_instead_of_decaying_then_decays_at_the_cap():
+    s = IncreaseBatch(128, 2048, lr_decay=0.2, lr_decay_epochs=[5, 10, 15])
+    got = [(s.at(e).batch_size, round(s.at(e).lr_multiplier, 6)) for e in (0, 5, 10, 15)]
+    # 128 -> 640 -> 3200 capped at 2048 (LR takes 2048/3200) -> 16000 capped (LR 2048/16000)
+    assert got == [(128, 1.0), (640, 1.0), (2048, 0.64), (2048, 0.128)]
+    # the noise scale lr / B matches BL's at every epoch
+    bl = ConstantBatch(128, lr_decay=0.2, lr_decay_epochs=[5, 10, 15])
+    for e in (0, 5, 10, 15):
+        assert s.at(e).lr_multiplier / s.at(e).batch_size == pytest.approx(bl.at(e).lr_multiplier / 128)
+
+
+def test_abs_grows_on_halving_and_resets_reference():
+    s = AdaptiveBatchSize(128, 4096, alpha=2, beta=2, kappa=10)
+    assert s.observe(10.0) is False and s.batch_size == 128 and s.reference == 10.0  # first sets the reference
+    assert s.observe(5.1) is False and s.batch_size == 128
+    assert s.observe(5.0) is True and s.batch_size == 256 and s.reference == 5.0  # <= ref / alpha
+    assert s.checks_without_growth == 0
+    assert s.observe(3.0) is False and s.observe(2.5) is True and s.batch_size == 512
+
+
+def test_abs_kappa_grows_without_moving_the_reference():
+    s = AdaptiveBatchSize(128, 4096, kappa=3)
+    s.observe(10.0)
+    assert [s.observe(9.0) for _ in range(3)] == [False, False, True]
+    assert s.batch_size == 256 and s.reference == 10.0
+    assert [s.observe(9.0) for _ in range(3)] == [False, False, True] and s.batch_size == 512
+
+
+def test_abs_cap_stops_checks_and_adversarial_examples():
+    s = AdaptiveBatchSize(128, 300, kappa=1, adv_fraction=0.2)
+    s.observe(1.0)
+    assert s.observe(1.0) and s.batch_size == 256 and s.adv_fraction == pytest.approx(0.1)
+    assert s.observe(1.0) and s.batch_size == 300 and s.adv_fraction == 0.0
+    assert not s.wants_checks
+    assert s.observe(0.01) is False and s.batch_size == 300
+
+
+def test_absa_gamma_decay_and_tau():
+    s = AdaptiveBatchSize(128, 4096, kappa=1, adv_fraction=0.2, adv_decay=2, adv_stop_epoch=10)
+    s.observe(1.0)
+    s.observe(1.0)
+    assert s.at(3).adv_fraction == pytest.approx(0.1)
+    assert s.at(9.99).adv_fraction == pytest.approx(0.1)
+    assert s.at(10).adv_fraction == 0.0
+
+
+@pytest.mark.parametrize("rule, expected", [("linear", 4.0), ("sqrt", 2.0), ("none", 1.0)])
+def test_lr_rules(rule, expected):
+    s = AdaptiveBatchSize(128, 4096, kappa=1, lr_scaling=rule, lr_decay=0.1, lr_decay_epochs=[5])
+    for eig in (1.0, 1.0, 1.0):
+        s.observe(eig)
+    assert s.batch_size == 512
+    assert s.lr_scale == pytest.approx(expected)
+    assert s.at(0).lr_multiplier == pytest.approx(expected)
+    assert s.at(6).lr_multiplier == pytest.approx(expected * 0.1)
+
+
+def test_non_finite_eigenvalues_are_ignored():
+    s = AdaptiveBatchSize(128, 4096, kappa=1)
+    assert s.observe(float("nan")) is False and s.reference is None
+    s.observe(4.0)
+    before = s.state_dict()
+    assert s.observe(math.inf) is False and s.observe(float("nan")) is False
+    assert s.state_dict() == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_batch_size": 64}, "max_batch_size"),
+        ({"beta": 1}, "beta"),
+        ({"alpha": 1}, "alpha"),
+        ({"kappa": 0}, "kappa"),
+        ({"adv_fraction": -0.1}, "adv_fraction"),
+        ({"adv_fraction": 1.1}, "adv_fraction"),
+        ({"adv_decay": 0.5}, "adv_decay"),
+        ({"lr_scaling": "cubic"}, "lr_scaling"),
+        ({"lr_decay": 0}, "lr_decay"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, name):
+    args = {"batch_size": 128, "max_batch_size": 1024, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        AdaptiveBatchSize(args.pop("batch_size"), args.pop("max_batch_size"), **args)
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match="strategy"):
+        build_schedule("sgd", batch_size=128, max_batch_size=256)
