@@ -10,7 +10,8 @@ Two HVP methods:
   with non-reentrant activation checkpointing and CPU autocast.
 * ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad``; one pass yields the gradient
   and the HVP together. Fails with activation checkpointing and CPU autocast; ``auto`` tries it and
-  falls back to double backward (the choice is cached per model class).
+  measures both once per kind of model and keeps the faster (on a 2-core CPU, double backward was
+  1.7x faster for the small CNN: see benchmarks/).
 
 Every public function leaves the model as it found it: each module's train/eval mode, its buffers
 (BatchNorm running statistics), the parameters' ``.grad`` and the global RNG state.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +36,7 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 METHODS = ("auto", "double_backward", "forward_over_reverse")
 # 1024 keeps fp16 gradients of O(1e-4) representable; the HVP is linear in the loss, so it is divided back.
 FP16_LOSS_SCALE = 1024.0
-_AUTO_CHOICE: dict[type, str] = {}
+_AUTO_CHOICE: dict[tuple, str] = {}
 
 
 @dataclass
@@ -211,33 +213,61 @@ def _forward_over_reverse(model, loss_fn, batch, params, vector, autocast_dtype)
     return [_acc(x) for x in g], [_acc(x) for x in h]
 
 
-def _resolve_method(model: nn.Module, method: str, autocast_dtype, device: torch.device) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method != "auto":
-        return method
-    if autocast_dtype is not None and device.type == "cpu":
-        return "double_backward"  # forward-mode AD does not mix with CPU autocast
-    return _AUTO_CHOICE.get(type(model), "forward_over_reverse")
+def _timed(fn, *args) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
 
 
 def grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch: Any, vector: Sequence[torch.Tensor], *,
                  params: Sequence[torch.Tensor], method: str = "auto",
                  autocast_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradient and HVP of ``loss_fn(model, batch)`` w.r.t. ``params`` in one call (fp32 results,
-    fp64 for fp64 parameters).
-    No mode or buffer handling: the public functions wrap this in :func:`preserved_state`."""
-    chosen = _resolve_method(model, method, autocast_dtype, params[0].device)
-    if chosen == "double_backward":
-        return _double_backward(model, loss_fn, batch, params, vector, autocast_dtype)
-    try:
-        return _forward_over_reverse(model, loss_fn, batch, params, vector, autocast_dtype)
+    fp64 for fp64 parameters). No mode or buffer handling: the public functions wrap this in
+    :func:`preserved_state`.
+
+    ``method="auto"`` measures both methods once per (model class, device, autocast dtype) and keeps
+    the faster; forward-over-reverse is skipped under CPU autocast (unsupported) and dropped when it
+    fails (activation checkpointing, ops without forward-mode rules).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    args = (model, loss_fn, batch, params, vector, autocast_dtype)
+    if method == "double_backward":
+        return _double_backward(*args)
+    if method == "forward_over_reverse":
+        return _forward_over_reverse(*args)
+    device = params[0].device
+    key = (_architecture(model), device.type, autocast_dtype)
+    choice = _AUTO_CHOICE.get(key)
+    if choice is None and autocast_dtype is not None and device.type == "cpu":
+        choice = _AUTO_CHOICE[key] = "double_backward"  # forward-mode AD does not mix with CPU autocast
+    if choice == "double_backward":
+        return _double_backward(*args)
+    if choice == "forward_over_reverse":
+        return _forward_over_reverse(*args)
+    try:  # first call for this kind of model: time both (the second run of each, after warm-up)
+        _forward_over_reverse(*args)
+        t_for, out_for = _timed(_forward_over_reverse, *args)
     except Exception:
-        if method != "auto":
-            raise
-        # e.g. activation checkpointing or an op without a forward-mode rule: remember and fall back
-        _AUTO_CHOICE[type(model)] = "double_backward"
-        return _double_backward(model, loss_fn, batch, params, vector, autocast_dtype)
+        _AUTO_CHOICE[key] = "double_backward"
+        return _double_backward(*args)
+    _double_backward(*args)
+    t_db, out_db = _timed(_double_backward, *args)
+    _AUTO_CHOICE[key] = "forward_over_reverse" if t_for < t_db else "double_backward"
+    return out_for if t_for < t_db else out_db
+
+
+def _architecture(model: nn.Module) -> int:
+    """A key for "this kind of model": its module classes in order (wrappers alone say nothing)."""
+    return hash(tuple(type(m).__name__ for m in model.modules()))
+
+
+def auto_choice(model: nn.Module, device: str = "cpu", autocast_dtype: torch.dtype | None = None) -> str | None:
+    """What ``method="auto"`` settled on for this kind of model (None before its first HVP)."""
+    return _AUTO_CHOICE.get((_architecture(model), device, autocast_dtype))
 
 
 def _trainable(model: nn.Module, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:

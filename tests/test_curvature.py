@@ -258,3 +258,16 @@ def test_two_processes_give_the_one_process_eigenvalue(tmp_path):
 def test_curvature_module_exposes_contract_names():
     for name in ("hvp", "top_eigenvalue", "last_layers", "cross_entropy_loss", "EigenResult", "hutchinson_trace"):
         assert hasattr(curvature, name)
+
+
+def test_auto_settles_on_a_method_and_matches_it():
+    model, batch = tiny_mlp(seed=3), data()
+    model.extra = nn.Identity()  # a distinct architecture key for this test
+    v = [torch.ones_like(p) for p in model.parameters()]
+    auto = flat(hvp(model, cross_entropy_loss, batch, v, method="auto"))
+    chosen = curvature.auto_choice(model)
+    assert chosen in ("double_backward", "forward_over_reverse")
+    torch.testing.assert_close(auto, flat(hvp(model, cross_entropy_loss, batch, v, method=chosen)))
+    ckpt = Checkpointed(tiny_mlp(seed=3))
+    hvp(ckpt, cross_entropy_loss, batch, v, method="auto")
+    assert curvature.auto_choice(ckpt) == "double_backward"  # forward-over-reverse fails with checkpointing
