@@ -1,0 +1,67 @@
+"""The command line: user errors are one line and exit code 2; a real run prints the summary table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scaling_abs", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["train", "lr=abc"], "lr"),
+        (["train", "bogus=1"], "bogus"),
+        (["train", "max_batch_size=64"], "max_batch_size"),
+        (["train", "beta=1"], "beta"),
+        (["train", "adv_fraction=2"], "adv_fraction"),
+        (["train", "deepspeed=/nope.json"], "deepspeed"),
+        (["train", "data_dir=/no/such/place"], "data_dir"),
+        (["train", "--config", "nosuchpreset"], "config"),
+        (["train", "model=resnet9000"], "model"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args, key):
+    proc = cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("scaling-abs train: error: ") and f"{key}" in lines[0]
+
+
+def test_missing_fashion_mnist_is_a_user_error(tmp_path):
+    proc = cli("train", f"data_dir={tmp_path}", "progress=false", f"output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2 and "data_dir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_command():
+    proc = cli("fly")
+    assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def test_help_and_help_keys():
+    assert "scaling-abs train" in cli("--help").stdout
+    keys = cli("train", "--help-keys").stdout
+    for key in ("hessian_every", "adv_fraction", "micro_batch_size", "deepspeed", "resume"):
+        assert key in keys
+
+
+def test_a_small_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = cli("train", "model=mlp", "strategy=absa", "limit_train_samples=512", "epochs=1", "batch_size=64",
+               "max_batch_size=256", "hessian_every=128", "hessian_samples=64", "kappa=1", "progress=false",
+               f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test accuracy" in proc.stdout and "largest batch" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["max_batch_size"] == 256
+    config = (out / "config.yaml").read_text()
+    assert "strategy: absa" in config and "hessian_every: 128" in config
