@@ -254,7 +254,8 @@ class _HFImageDataset(Dataset):
         else:
             arr = torch.as_tensor(np.asarray(img))
             arr = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1) if arr.shape[-1] in (1, 3) else arr
-            x = arr.float().div(255) if arr.dtype == torch.uint8 else arr.float()
+            # integer pixels (uint8, or int64 after a round trip through Arrow) are 0..255
+            x = arr.float().div(255) if not arr.is_floating_point() else arr.float()
         return (self.transform(x) if self.transform else x), int(row[self.label_column])
 
 

@@ -1,0 +1,107 @@
+"""Loaders on the installed Fashion-MNIST package and on small fixtures the tests write."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scaling_abs.data import FASHION_MNIST_DIR, TensorImageDataset, build_dataset, collate_batch, read_fashion_mnist
+from scaling_abs.errors import UserError
+
+needs_fmnist = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
+
+
+@needs_fmnist
+def test_fashion_mnist_reader():
+    arrays = read_fashion_mnist()
+    assert arrays["train_images"].shape == (60000, 28, 28) and arrays["train_images"].dtype == np.uint8
+    assert arrays["test_images"].shape == (10000, 28, 28)
+    assert arrays["train_labels"][0] == 9 and arrays["train_labels"].max() == 9  # first image: ankle boot
+    assert np.bincount(arrays["train_labels"]).tolist() == [6000] * 10
+
+
+@needs_fmnist
+def test_fashion_mnist_bundle_and_batched_fetch():
+    d = build_dataset("fashion_mnist", limit_train_samples=300)
+    assert (d.num_classes, d.in_channels, d.image_size, len(d.train), len(d.test)) == (10, 1, 28, 300, 10000)
+    x, y = d.train.__getitems__([3, 1, 4])
+    assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    one = torch.stack([d.train[i][0] for i in (3, 1, 4)])
+    assert torch.equal(x, one) and y.tolist() == [d.train[i][1] for i in (3, 1, 4)]
+    loader = torch.utils.data.DataLoader(d.train, batch_sampler=[[0, 1], [2, 3]], collate_fn=collate_batch)
+    xb, yb = next(iter(loader))
+    assert xb.shape == (2, 1, 28, 28) and yb.shape == (2,)
+
+
+def test_missing_data_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="data_dir"):
+        read_fashion_mnist(tmp_path)
+    with pytest.raises(UserError, match="data_dir"):
+        build_dataset("fashion_mnist", data_dir=str(tmp_path / "absent"))
+    with pytest.raises(UserError, match="data_dir"):
+        build_dataset("imagenet", data_dir=str(tmp_path))
+    with pytest.raises(UserError, match="data_dir"):
+        build_dataset("cifar10")
+    with pytest.raises(UserError, match="dataset"):
+        build_dataset("mnist3d")
+
+
+def _write_images(root: Path, classes: list[str], per_class: int, size: int = 8) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_imagenet_folder_layout(tmp_path):
+    _write_images(tmp_path / "train", ["n01", "n02"], 3)
+    _write_images(tmp_path / "val", ["n01", "n02"], 2)
+    d = build_dataset("imagenet", data_dir=str(tmp_path), augmentation="resized_crop_flip")
+    assert (d.num_classes, len(d.train), len(d.test)) == (2, 6, 4)
+    x, y = d.train[4]
+    assert x.shape == (3, 224, 224) and y == 1 and 0 <= x.min() and x.max() <= 1
+    assert d.test[0][0].shape == (3, 224, 224)
+
+
+def test_tinyimagenet_official_layout(tmp_path):
+    from PIL import Image
+
+    for c in ("n01", "n02"):
+        _write_images(tmp_path / "train" / c, ["images"], 2, size=64)
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "val" / "images" / "val_0.JPEG")
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t10\t10\n")
+    d = build_dataset("tinyimagenet", data_dir=str(tmp_path), augmentation="crop_flip")
+    assert (d.num_classes, len(d.train), len(d.test)) == (2, 4, 1)
+    assert d.test[0][1] == 1 and d.train[0][0].shape == (3, 64, 64)
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    rows = {"img": [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(6)], "y": [0, 1, 2, 0, 1, 2]}
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                               "test": datasets.Dataset.from_dict({k: v[:2] for k, v in rows.items()})})
+    ds.save_to_disk(str(tmp_path / "toy"))
+    from scaling_abs.data import _hf
+
+    train, test, classes, channels, size = _hf("toy", str(tmp_path / "toy"), "none", "img", "y")
+    assert (len(train), len(test), classes, channels, size) == (6, 2, 3, 3, 8)
+    x, y = train[1]
+    assert x.shape == (3, 8, 8) and y == 1
+    torch.testing.assert_close(x, torch.as_tensor(rows["img"][1]).permute(2, 0, 1).float() / 255)
+    with pytest.raises(UserError, match="column"):
+        _hf("toy", str(tmp_path / "toy"), "none", "image", "y")
+
+
+def test_tensor_dataset_with_augmentation_is_per_sample():
+    from scaling_abs.data import _transforms
+
+    ds = TensorImageDataset(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4),
+                            _transforms("crop_flip", 32, True))
+    x, y = ds.__getitems__([0, 1, 2])
+    assert x.shape == (3, 3, 32, 32) and y.tolist() == [0, 1, 2]
