@@ -9,9 +9,9 @@ Two HVP methods:
 * ``double_backward``: ``grad(<grad(L), v>)``, the classic one (PyHessian, the paper's code); works
   with non-reentrant activation checkpointing and CPU autocast.
 * ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad``; one pass yields the gradient
-  and the HVP together. Fails with activation checkpointing and CPU autocast; ``auto`` tries it and
-  measures both once per kind of model and keeps the faster (on a 2-core CPU, double backward was
-  1.7x faster for the small CNN: see benchmarks/).
+  and the HVP together. Fails with activation checkpointing and CPU autocast. ``auto`` uses double
+  backward on CPU (1.7x faster for the small CNN, 8x for the MLP on 2 cores) and on an accelerator
+  measures both once per kind of model and keeps the faster.
 
 Every public function leaves the model as it found it: each module's train/eval mode, its buffers
 (BatchNorm running statistics), the parameters' ``.grad`` and the global RNG state.
@@ -228,9 +228,10 @@ def grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch: Any, vector: Sequence
     fp64 for fp64 parameters). No mode or buffer handling: the public functions wrap this in
     :func:`preserved_state`.
 
-    ``method="auto"`` measures both methods once per (model class, device, autocast dtype) and keeps
-    the faster; forward-over-reverse is skipped under CPU autocast (unsupported) and dropped when it
-    fails (activation checkpointing, ops without forward-mode rules).
+    ``method="auto"``: double backward on CPU (faster in every CPU measurement); on an accelerator it
+    measures both methods once per (architecture, device, autocast dtype) and keeps the faster,
+    dropping forward-over-reverse when it fails (activation checkpointing, ops without forward-mode
+    rules).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -242,8 +243,11 @@ def grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch: Any, vector: Sequence
     device = params[0].device
     key = (_architecture(model), device.type, autocast_dtype)
     choice = _AUTO_CHOICE.get(key)
-    if choice is None and autocast_dtype is not None and device.type == "cpu":
-        choice = _AUTO_CHOICE[key] = "double_backward"  # forward-mode AD does not mix with CPU autocast
+    if choice is None and device.type == "cpu":
+        # Forward-mode AD does not mix with CPU autocast, and on CPU double backward was faster for
+        # every model we measured (benchmarks/bench_hvp.py); timing both would also pay torch.func's
+        # ~2 s first-call set-up.
+        choice = _AUTO_CHOICE[key] = "double_backward"
     if choice == "double_backward":
         return _double_backward(*args)
     if choice == "forward_over_reverse":

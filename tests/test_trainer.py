@@ -142,3 +142,26 @@ def test_two_processes_match_one(tmp_path):
     eig_two = [r["eigenvalue"] for r in read_metrics(out) if r["kind"] == "check"]
     assert len(eig_one) == len(eig_two) > 1
     torch.testing.assert_close(torch.tensor(eig_two), torch.tensor(eig_one), rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_trains_like_the_plain_run(tmp_path):
+    """ZeRO-2 with SGD, batch growth included, against the plain Accelerate run (1e-4 relative)."""
+    pytest.importorskip("deepspeed")
+    overrides = {**BASE, "strategy": "abs", "hessian_every": 128, "kappa": 1, "micro_batch_size": 32}
+    plain, w_plain = run(tmp_path, "plain", **overrides)
+    out = tmp_path / "zero2"
+    out.mkdir()
+    # DeepSpeed falls back to MPI without these: a plain single-process run must set them.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    cmd = [sys.executable, str(ROOT / "tests" / "_dist_train_worker.py"),
+           json.dumps({**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / "zero2.json")}),
+           str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    zero2 = json.loads((out / "summary.json").read_text())
+    assert (zero2["updates"], zero2["samples"], zero2["max_batch_size"]) == (
+        plain["updates"], plain["samples"], plain["max_batch_size"])
+    assert zero2["max_batch_size"] > 64  # the batch grew through engine.set_train_batch_size
+    assert_close(w_plain, load_file(str(out / "model.safetensors")), rtol=1e-4)
