@@ -1,0 +1,62 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from scaling_abs.errors import UserError
+from scaling_abs.simulate import main, paper_table3, ring_allreduce_time, simulate_from_run, updates_for
+
+
+def test_ring_formula():
+    assert ring_allreduce_time(1000, 1) == 0.0
+    # 2 (alpha log2 p + (p-1)/p |theta| beta): p = 4, 1e6 bits at 1e9 b/s, alpha = 1e-6
+    got = ring_allreduce_time(1_000_000 // 32, 4, latency_s=1e-6, bandwidth_bits_per_s=1e9)
+    assert got == pytest.approx(2 * (1e-6 * 2 + 0.75 * (1_000_000 // 32 * 32) / 1e9))
+
+
+def test_updates_for_segments():
+    assert updates_for(1000, [(2, 100)]) == 20
+    assert updates_for(1001, [(1, 100), (1, 1000)]) == 11 + 2
+
+
+def test_table3_within_5_percent_of_the_paper():
+    rows = {r.method: r for r in paper_table3()}
+    for method, paper in {"BL": 16666, "GG": 6150, "ABS": 2666, "ABSA": 3467}.items():
+        assert abs(rows[method].total_s / paper - 1) < 0.05, method
+    for method, paper in {"GG": 2.71, "ABS": 6.25, "ABSA": 4.80}.items():
+        assert abs(rows[method].speedup / paper - 1) < 0.05, method
+
+
+def _fake_run(tmp_path):
+    steps = [{"kind": "step", "batch_size": b, "step_time_s": 0.001 * b} for b in (100, 100, 200, 400)]
+    checks = [{"kind": "check", "seconds": 2.0, "iterations": 5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps + checks))
+    (tmp_path / "summary.json").write_text(json.dumps({"num_params": 1_000_000}))
+    return tmp_path
+
+
+def test_simulate_from_run_arithmetic(tmp_path):
+    out = simulate_from_run(_fake_run(tmp_path), processes=8, latency_s=0.0, bandwidth_bits_per_s=32e6)
+    comm = 2 * (7 / 8) * 1_000_000 * 32 / 32e6  # 1.75 s per all-reduce
+    assert out["comm_per_update_s"] == pytest.approx(comm)
+    assert out["samples"] == 800 and out["updates"] == 4 and out["fixed_updates"] == 8
+    comp = 800 * 0.001 / 8
+    assert out["adaptive_total_s"] == pytest.approx(comp + 4 * comm + 2.0 / 8 + 5 * comm)
+    assert out["fixed_total_s"] == pytest.approx(comp + 8 * comm)
+    assert out["speedup"] == pytest.approx(out["fixed_total_s"] / out["adaptive_total_s"])
+
+
+def test_cli_json_and_errors(tmp_path, capsys):
+    assert main(["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["method"] for r in rows] == ["BL", "GG", "ABS", "ABSA"] and all(r["total_s"] > 0 for r in rows)
+    with pytest.raises(UserError, match="bogus"):
+        main(["bogus=1"])
+    with pytest.raises(UserError, match="run_dir"):
+        main([f"run_dir={tmp_path}"])
+    proc = subprocess.run([sys.executable, "-m", "scaling_abs", "simulate", "processes=x"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert math.isfinite(json.loads(json.dumps(rows))[0]["total_s"])
