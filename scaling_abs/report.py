@@ -1,0 +1,162 @@
+"""Tables and figures from run folders (``scaling-abs report RUN_DIR... [--out DIR]``).
+
+A run folder holds ``config.yaml``, ``summary.json`` and ``metrics.jsonl`` (written by the trainer).
+The figures follow the paper: batch size and LR against epochs (Figure 1), training loss and test
+accuracy against epochs (Figure 2), the top Hessian eigenvalue over training (Figure 6).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaling_abs.errors import UserError
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    steps: list[dict] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.config.get('strategy', '?').upper()} (B_max {self.config.get('max_batch_size', '?')})"
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not (path / "summary.json").exists():
+        raise UserError(f"run: {path} has no summary.json (not a finished scaling-abs run)")
+    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
+    run = Run(path, config or {}, json.loads((path / "summary.json").read_text()))
+    metrics = path / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                {"step": run.steps, "check": run.checks, "eval": run.evals}.get(r.get("kind"), []).append(r)
+    return run
+
+
+def summary_table(runs: list[Run]) -> str:
+    """One row per run: accuracy, updates, largest batch, wall time, curvature share."""
+    lines = ["| run | strategy | B_max | test acc. (%) | updates | largest batch | wall time (s) | curvature (% of time) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        s = r.summary
+        share = 100 * s["curvature_time_s"] / s["wall_time_s"] if s.get("wall_time_s") else 0.0
+        lines.append(f"| {r.path.name} | {r.config.get('strategy', '?')} | {r.config.get('max_batch_size', '?')} | "
+                     f"{100 * s['test_accuracy']:.2f} | {s['updates']:,} | {s['max_batch_size']:,} | "
+                     f"{s['wall_time_s']:.0f} | {share:.1f} |")
+    return "\n".join(lines)
+
+
+def comparison_table(runs: list[Run]) -> str:
+    """The paper's Table 1 layout: rows = largest allowed batch, columns = "acc. / updates" per method."""
+    methods = [m for m in ("bl", "fb", "gg", "abs", "absa") if any(r.config.get("strategy") == m for r in runs)]
+    sizes = sorted({int(r.config.get("max_batch_size", 0)) if r.config.get("strategy") != "bl"
+                    else int(r.config.get("batch_size", 0)) for r in runs})
+    cell: dict[tuple[int, str], str] = {}
+    for r in runs:
+        m = r.config.get("strategy")
+        b = int(r.config.get("batch_size" if m == "bl" else "max_batch_size", 0))
+        cell[(b, m)] = f"{100 * r.summary['test_accuracy']:.2f} / {r.summary['updates']:,}"
+    lines = ["| batch | " + " | ".join(f"{m.upper()} acc. / updates" for m in methods) + " |",
+             "| --- |" + " --- |" * len(methods)]
+    for b in sizes:
+        lines.append(f"| {b} | " + " | ".join(cell.get((b, m), "-") for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def _figure(ncols: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4))
+    return plt, fig, axes
+
+
+def plot_schedule(runs: list[Run], path: str | Path) -> None:
+    """Figure 1: global batch size and learning rate against epochs."""
+    plt, fig, (ax_b, ax_lr) = _figure(2)
+    for r in runs:
+        ep = [s["epoch"] for s in r.steps]
+        ax_b.step(ep, [s["batch_size"] for s in r.steps], where="post", label=r.label)
+        ax_lr.step(ep, [s["lr"] for s in r.steps], where="post", label=r.label)
+    ax_b.set(xlabel="epoch", ylabel="global batch size", yscale="log", title="batch size")
+    ax_lr.set(xlabel="epoch", ylabel="learning rate", yscale="log", title="learning rate")
+    ax_b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training(runs: list[Run], path: str | Path) -> None:
+    """Figure 2: training loss and test accuracy against epochs."""
+    plt, fig, (ax_l, ax_a) = _figure(2)
+    for r in runs:
+        ax_l.plot([s["epoch"] for s in r.steps], [s["loss"] for s in r.steps], lw=0.6, label=r.label)
+        ax_a.plot([e["epoch"] for e in r.evals], [100 * e["test_accuracy"] for e in r.evals], marker="o", label=r.label)
+    ax_l.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
+    ax_a.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    ax_a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
+    """Figure 6: the top Hessian eigenvalue at each check (full or block, as the run's config says)."""
+    plt, fig, ax = _figure(1)
+    for r in runs:
+        if r.checks:
+            block = r.config.get("hessian_block", "all")
+            ax.plot([c["epoch"] for c in r.checks], [c["eigenvalue"] for c in r.checks], marker=".",
+                    label=f"{r.label}, {'full' if block == 'all' else block} Hessian")
+    ax.set(xlabel="epoch", ylabel="top eigenvalue", yscale="log", title="top Hessian eigenvalue")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    """``scaling-abs report RUN_DIR... [--out DIR]``: report.md, report.json and three PNGs."""
+    out: Path | None = None
+    dirs: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--out":
+            out = Path(next(it, ""))
+        else:
+            dirs.append(a)
+    if not dirs:
+        raise UserError("report: give one or more run folders")
+    runs = [load_run(d) for d in dirs]
+    out = out or Path(dirs[0]).parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    text = "## Runs\n\n" + summary_table(runs) + "\n\n## Paper layout\n\n" + comparison_table(runs) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps([{"run": str(r.path), "config": r.config, "summary": r.summary}
+                                                 for r in runs], indent=2))
+    plot_schedule(runs, out / "schedule.png")
+    plot_training(runs, out / "training.png")
+    plot_eigenvalues(runs, out / "eigenvalues.png")
+    print(text)
+    print(f"written: {out}/report.md, report.json, schedule.png, training.png, eigenvalues.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
