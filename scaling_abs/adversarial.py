@@ -17,9 +17,15 @@ from torch import nn
 from scaling_abs.curvature import preserved_modes
 
 
-def fgsm(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, eps: float, *,
-         bounds: tuple[float, float] = (0.0, 1.0),
-         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> torch.Tensor:
+def fgsm(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    eps: float,
+    *,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> torch.Tensor:
     """``clamp(x + eps * sign(grad_x loss(model(x), y)), *bounds)``, detached, in ``inputs.dtype``.
 
     Args:
@@ -46,9 +52,16 @@ def adversarial_count(n: int, fraction: float) -> int:
     return min(n, math.ceil(fraction * n - 1e-9)) if fraction > 0 else 0
 
 
-def mix_adversarial(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, fraction: float, eps: float, *,
-                    bounds: tuple[float, float] = (0.0, 1.0),
-                    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> torch.Tensor:
+def mix_adversarial(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    fraction: float,
+    eps: float,
+    *,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> torch.Tensor:
     """A new batch whose first ``ceil(fraction * B)`` rows are their FGSM versions (Algorithm 1,
     line 5: ``x[:B*gamma] = adversarial(x[:B*gamma])``); the other rows are unchanged."""
     if not 0 <= fraction <= 1:

@@ -38,7 +38,9 @@ def make_plan(global_batch: int, micro_batch_size: int, world_size: int = 1) -> 
     Plan(global_batch=128, micro=64, accumulation=1, world=2)
     """
     if global_batch <= 0 or micro_batch_size <= 0 or world_size <= 0:
-        raise ValueError(f"make_plan: sizes must be > 0, got {global_batch}, {micro_batch_size}, {world_size}")
+        raise ValueError(
+            f"make_plan: sizes must be > 0, got {global_batch}, {micro_batch_size}, {world_size}"
+        )
     if global_batch % world_size:
         raise ValueError(f"batch_size {global_batch} is not divisible by {world_size} processes")
     per_rank = global_batch // world_size

@@ -2,7 +2,6 @@
 
   scaling-abs train [--config FILE_OR_PRESET] [key=value ...]   (also: accelerate launch -m scaling_abs train)
   scaling-abs simulate [preset=imagenet_i3 | run_dir=DIR] [--json]
-  scaling-abs convex [out=DIR]
   scaling-abs report RUN_DIR... [--out DIR]
 
 A mistake the user can make (config, paths, data) prints one line on stderr and exits with 2;
@@ -53,7 +52,10 @@ def format_summary(summary: dict, output_dir: str) -> str:
         ("largest batch", f"{summary['max_batch_size']}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("curvature checks", f"{summary['curvature_checks']} ({100 * share:.1f} % of wall time)"),
-        ("outputs", output_dir + ("  (interrupted: resume=auto continues)" if summary["interrupted"] else "")),
+        (
+            "outputs",
+            output_dir + ("  (interrupted: resume=auto continues)" if summary["interrupted"] else ""),
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -68,7 +70,6 @@ def _delegate(module: str, argv: list[str]) -> int:
 COMMANDS = {
     "train": _train,
     "simulate": lambda argv: _delegate("simulate", argv),
-    "convex": lambda argv: _delegate("convex", argv),
     "report": lambda argv: _delegate("report", argv),
 }
 
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         if "=" in command:
             command, rest = "train", argv
         else:
-            print(f"scaling-abs: error: unknown command {command!r} (choose {', '.join(COMMANDS)})", file=sys.stderr)
+            print(
+                f"scaling-abs: error: unknown command {command!r} (choose {', '.join(COMMANDS)})",
+                file=sys.stderr,
+            )
             return 2
     try:
         return COMMANDS[command](rest)

@@ -36,9 +36,13 @@ class TrainConfig:
 
     # what to train
     model: str = _f("cnn", "model name (see README table) or hf:<name or local path>")
-    dataset: str = _f("fashion_mnist", "fashion_mnist | cifar10 | cifar100 | svhn | tinyimagenet | imagenet | hf:<name>")
+    dataset: str = _f(
+        "fashion_mnist", "fashion_mnist | cifar10 | cifar100 | svhn | tinyimagenet | imagenet | hf:<name>"
+    )
     data_dir: str = _f("", "data set folder; empty = the data set's default place")
-    augmentation: str = _f("auto", "auto (the paper's choice for the model) | none | crop_flip | resized_crop_flip")
+    augmentation: str = _f(
+        "auto", "auto (the paper's choice for the model) | none | crop_flip | resized_crop_flip"
+    )
     limit_train_samples: int = _f(0, "use only this many training samples (0 = all)")
     download: bool = _f(False, "let torchvision download CIFAR/SVHN into data_dir (needs network)")
     # strategy and schedule
@@ -64,7 +68,9 @@ class TrainConfig:
     hessian_iters: int = _f(10, "power iterations per check")
     hessian_tol: float = _f(1e-2, "relative tolerance of the power iteration")
     hessian_block: str = _f("all", "parameters of the Hessian: all | last:N (last N modules with parameters)")
-    hessian_bn_mode: str = _f("eval", "BatchNorm during checks: eval (paper's code) | train (buffers restored)")
+    hessian_bn_mode: str = _f(
+        "eval", "BatchNorm during checks: eval (paper's code) | train (buffers restored)"
+    )
     adv_eps: float = _f(0.005, "FGSM step on inputs in [0, 1]")
     adv_fraction: float = _f(0.2, "ABSA: fraction gamma of each batch replaced by FGSM examples")
     adv_decay: float = _f(2.0, "ABSA: gamma is divided by this (omega) at every growth")
@@ -141,7 +147,9 @@ def _read_yaml(source: str) -> dict[str, Any]:
     if not path.exists() and (PRESET_DIR / f"{source}.yaml").exists():
         path = PRESET_DIR / f"{source}.yaml"
     if not path.exists():
-        raise ConfigError(f"config: no file or preset named {source!r} (presets: {', '.join(list_presets())})")
+        raise ConfigError(
+            f"config: no file or preset named {source!r} (presets: {', '.join(list_presets())})"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -165,7 +173,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(config: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+def load_config(
+    config: str | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> TrainConfig:
     """Build and validate a config from a YAML file or preset name plus overrides."""
     values: dict[str, Any] = {}
     if config:
@@ -191,22 +201,49 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     from scaling_abs import models  # registry names; cheap import
     from scaling_abs.data import DATASETS
 
-    for key in ("lr", "momentum", "weight_decay", "epochs", "adv_eps", "grad_clip", "hessian_tol", "eval_every"):
+    for key in (
+        "lr",
+        "momentum",
+        "weight_decay",
+        "epochs",
+        "adv_eps",
+        "grad_clip",
+        "hessian_tol",
+        "eval_every",
+    ):
         _check(math.isfinite(getattr(cfg, key)), key, f"must be finite, got {getattr(cfg, key)}")
-    _check(cfg.strategy in STRATEGIES, "strategy", f"unknown strategy {cfg.strategy!r} (choose {', '.join(STRATEGIES)})")
-    _check(cfg.model.startswith("hf:") or cfg.model in models.MODELS, "model",
-           f"unknown model {cfg.model!r} (choose {', '.join(sorted(models.MODELS))} or hf:<name>)")
-    _check(cfg.dataset.startswith("hf:") or cfg.dataset in DATASETS, "dataset",
-           f"unknown data set {cfg.dataset!r} (choose {', '.join(sorted(DATASETS))} or hf:<name>)")
+    _check(
+        cfg.strategy in STRATEGIES,
+        "strategy",
+        f"unknown strategy {cfg.strategy!r} (choose {', '.join(STRATEGIES)})",
+    )
+    _check(
+        cfg.model.startswith("hf:") or cfg.model in models.MODELS,
+        "model",
+        f"unknown model {cfg.model!r} (choose {', '.join(sorted(models.MODELS))} or hf:<name>)",
+    )
+    _check(
+        cfg.dataset.startswith("hf:") or cfg.dataset in DATASETS,
+        "dataset",
+        f"unknown data set {cfg.dataset!r} (choose {', '.join(sorted(DATASETS))} or hf:<name>)",
+    )
     _check(cfg.epochs > 0, "epochs", f"must be > 0, got {cfg.epochs}")
     _check(cfg.batch_size > 0, "batch_size", f"must be > 0, got {cfg.batch_size}")
-    _check(cfg.max_batch_size >= cfg.batch_size, "max_batch_size",
-           f"must be >= batch_size ({cfg.batch_size}), got {cfg.max_batch_size}")
+    _check(
+        cfg.max_batch_size >= cfg.batch_size,
+        "max_batch_size",
+        f"must be >= batch_size ({cfg.batch_size}), got {cfg.max_batch_size}",
+    )
     _check(cfg.micro_batch_size > 0, "micro_batch_size", f"must be > 0, got {cfg.micro_batch_size}")
     _check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
-    _check(0 < cfg.lr_decay <= 1, "lr_decay", f"must be in (0, 1] (0.2 divides the LR by 5), got {cfg.lr_decay}")
-    _check(all(e >= 0 for e in cfg.lr_decay_epochs) and cfg.lr_decay_epochs == sorted(cfg.lr_decay_epochs),
-           "lr_decay_epochs", f"must be increasing and >= 0, got {cfg.lr_decay_epochs}")
+    _check(
+        0 < cfg.lr_decay <= 1, "lr_decay", f"must be in (0, 1] (0.2 divides the LR by 5), got {cfg.lr_decay}"
+    )
+    _check(
+        all(e >= 0 for e in cfg.lr_decay_epochs) and cfg.lr_decay_epochs == sorted(cfg.lr_decay_epochs),
+        "lr_decay_epochs",
+        f"must be increasing and >= 0, got {cfg.lr_decay_epochs}",
+    )
     _check(cfg.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {cfg.warmup_epochs}")
     _check(cfg.momentum >= 0, "momentum", f"must be >= 0, got {cfg.momentum}")
     _check(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
@@ -214,23 +251,39 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     _check(cfg.alpha > 1, "alpha", f"must be > 1, got {cfg.alpha}")
     _check(cfg.beta > 1, "beta", f"must be > 1, got {cfg.beta}")
     _check(cfg.kappa >= 1, "kappa", f"must be >= 1, got {cfg.kappa}")
-    _check(cfg.lr_scaling in ("linear", "sqrt", "none"), "lr_scaling",
-           f"unknown rule {cfg.lr_scaling!r} (linear | sqrt | none)")
+    _check(
+        cfg.lr_scaling in ("linear", "sqrt", "none"),
+        "lr_scaling",
+        f"unknown rule {cfg.lr_scaling!r} (linear | sqrt | none)",
+    )
     _check(cfg.hessian_every >= 0, "hessian_every", f"must be >= 0 (0 = one epoch), got {cfg.hessian_every}")
     _check(cfg.hessian_samples > 0, "hessian_samples", f"must be > 0, got {cfg.hessian_samples}")
     _check(cfg.hessian_iters >= 1, "hessian_iters", f"must be >= 1, got {cfg.hessian_iters}")
     _check(cfg.hessian_tol >= 0, "hessian_tol", f"must be >= 0, got {cfg.hessian_tol}")
     block = cfg.hessian_block
-    _check(block == "all" or (block.startswith("last:") and block[5:].isdigit() and int(block[5:]) > 0),
-           "hessian_block", f"expected all or last:N with N > 0, got {block!r}")
-    _check(cfg.hessian_bn_mode in ("eval", "train"), "hessian_bn_mode", f"expected eval or train, got {cfg.hessian_bn_mode!r}")
+    _check(
+        block == "all" or (block.startswith("last:") and block[5:].isdigit() and int(block[5:]) > 0),
+        "hessian_block",
+        f"expected all or last:N with N > 0, got {block!r}",
+    )
+    _check(
+        cfg.hessian_bn_mode in ("eval", "train"),
+        "hessian_bn_mode",
+        f"expected eval or train, got {cfg.hessian_bn_mode!r}",
+    )
     _check(cfg.adv_eps >= 0, "adv_eps", f"must be >= 0, got {cfg.adv_eps}")
     _check(0 <= cfg.adv_fraction <= 1, "adv_fraction", f"must be in [0, 1], got {cfg.adv_fraction}")
     _check(cfg.adv_decay >= 1, "adv_decay", f"must be >= 1, got {cfg.adv_decay}")
-    _check(cfg.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision",
-           f"expected no, bf16 or fp16, got {cfg.mixed_precision!r}")
-    _check(cfg.augmentation in ("auto", "none", "crop_flip", "resized_crop_flip"), "augmentation",
-           f"unknown augmentation {cfg.augmentation!r}")
+    _check(
+        cfg.mixed_precision in ("no", "bf16", "fp16"),
+        "mixed_precision",
+        f"expected no, bf16 or fp16, got {cfg.mixed_precision!r}",
+    )
+    _check(
+        cfg.augmentation in ("auto", "none", "crop_flip", "resized_crop_flip"),
+        "augmentation",
+        f"unknown augmentation {cfg.augmentation!r}",
+    )
     _check(cfg.limit_train_samples >= 0, "limit_train_samples", "must be >= 0")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
@@ -245,13 +298,19 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         _check(os.path.isdir(cfg.resume), "resume", f"no such checkpoint folder: {cfg.resume}")
     # The planner splits every global batch evenly over processes: B, its growth and B_max must divide.
     for key in ("batch_size", "max_batch_size"):
-        _check(getattr(cfg, key) % world_size == 0, key,
-               f"{getattr(cfg, key)} is not divisible by the {world_size} processes")
+        _check(
+            getattr(cfg, key) % world_size == 0,
+            key,
+            f"{getattr(cfg, key)} is not divisible by the {world_size} processes",
+        )
     for key in ("batch_size", "max_batch_size"):
         per_rank = getattr(cfg, key) // world_size
-        _check(per_rank <= cfg.micro_batch_size or per_rank % cfg.micro_batch_size == 0, key,
-               f"{getattr(cfg, key)} is not divisible by micro_batch_size x processes "
-               f"({cfg.micro_batch_size} x {world_size})")
+        _check(
+            per_rank <= cfg.micro_batch_size or per_rank % cfg.micro_batch_size == 0,
+            key,
+            f"{getattr(cfg, key)} is not divisible by micro_batch_size x processes "
+            f"({cfg.micro_batch_size} x {world_size})",
+        )
 
 
 def help_keys() -> str:

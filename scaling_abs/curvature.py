@@ -106,10 +106,14 @@ def preserved_state(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
         raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda_rng = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
     # Batch statistics without touching running stats: a BatchNorm in train mode that does not
     # track them normalises by the batch and writes nothing (forward-mode AD rejects in-place updates).
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    ]
     with preserved_modes(model):
         model.train(bn_mode == "train")
         if bn_mode == "train":
@@ -221,9 +225,16 @@ def _timed(fn, *args) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def grad_and_hvp(model: nn.Module, loss_fn: LossFn, batch: Any, vector: Sequence[torch.Tensor], *,
-                 params: Sequence[torch.Tensor], method: str = "auto",
-                 autocast_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def grad_and_hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    vector: Sequence[torch.Tensor],
+    *,
+    params: Sequence[torch.Tensor],
+    method: str = "auto",
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradient and HVP of ``loss_fn(model, batch)`` w.r.t. ``params`` in one call (fp32 results,
     fp64 for fp64 parameters). No mode or buffer handling: the public functions wrap this in
     :func:`preserved_state`.
@@ -269,7 +280,9 @@ def _architecture(model: nn.Module) -> int:
     return hash(tuple(type(m).__name__ for m in model.modules()))
 
 
-def auto_choice(model: nn.Module, device: str = "cpu", autocast_dtype: torch.dtype | None = None) -> str | None:
+def auto_choice(
+    model: nn.Module, device: str = "cpu", autocast_dtype: torch.dtype | None = None
+) -> str | None:
     """What ``method="auto"`` settled on for this kind of model (None before its first HVP)."""
     return _AUTO_CHOICE.get((_architecture(model), device, autocast_dtype))
 
@@ -281,9 +294,18 @@ def _trainable(model: nn.Module, params: Sequence[torch.Tensor] | None) -> list[
     return params
 
 
-def hvp(model: nn.Module, loss_fn: LossFn, batch: Any, vector: Sequence[torch.Tensor], *,
-        params: Sequence[torch.Tensor] | None = None, method: str = "auto", bn_mode: str = "eval",
-        autocast_dtype: torch.dtype | None = None, sdpa_math: bool = True) -> list[torch.Tensor]:
+def hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    vector: Sequence[torch.Tensor],
+    *,
+    params: Sequence[torch.Tensor] | None = None,
+    method: str = "auto",
+    bn_mode: str = "eval",
+    autocast_dtype: torch.dtype | None = None,
+    sdpa_math: bool = True,
+) -> list[torch.Tensor]:
     """Hessian-vector product ``H v`` of ``loss_fn(model, batch)`` w.r.t. ``params``.
 
     Args:
@@ -296,15 +318,24 @@ def hvp(model: nn.Module, loss_fn: LossFn, batch: Any, vector: Sequence[torch.Te
     """
     params = _trainable(model, params)
     with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
-        return grad_and_hvp(model, loss_fn, batch, vector, params=params, method=method,
-                            autocast_dtype=autocast_dtype)[1]
+        return grad_and_hvp(
+            model, loss_fn, batch, vector, params=params, method=method, autocast_dtype=autocast_dtype
+        )[1]
 
 
 class HessianOperator:
     """``v -> H v`` for the Hessian of the mean loss over ``batches`` (all ranks together)."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], params: Sequence[torch.Tensor],
-                 *, method: str = "auto", autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Iterable[Any],
+        params: Sequence[torch.Tensor],
+        *,
+        method: str = "auto",
+        autocast_dtype: torch.dtype | None = None,
+    ):
         self.model, self.loss_fn, self.params = model, loss_fn, list(params)
         self.batches = list(batches)
         self.method, self.autocast_dtype = method, autocast_dtype
@@ -317,8 +348,15 @@ class HessianOperator:
     def __call__(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         total = [_zeros(p) for p in self.params]
         for batch, w in zip(self.batches, self.weights):
-            _, h = grad_and_hvp(self.model, self.loss_fn, batch, vector, params=self.params, method=self.method,
-                                autocast_dtype=self.autocast_dtype)
+            _, h = grad_and_hvp(
+                self.model,
+                self.loss_fn,
+                batch,
+                vector,
+                params=self.params,
+                method=self.method,
+                autocast_dtype=self.autocast_dtype,
+            )
             for t, x in zip(total, h):
                 t.add_(x, alpha=w)
         return distributed.all_reduce_sum_(total)
@@ -333,10 +371,20 @@ def _normalize(v: list[torch.Tensor]) -> list[torch.Tensor]:
     return [x / (norm + 1e-30) for x in v]
 
 
-def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], *,
-                   params: Sequence[torch.Tensor] | None = None, max_iter: int = 10, tol: float = 1e-2,
-                   seed: int = 0, method: str = "auto", bn_mode: str = "eval",
-                   autocast_dtype: torch.dtype | None = None, sdpa_math: bool = True) -> EigenResult:
+def top_eigenvalue(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    *,
+    params: Sequence[torch.Tensor] | None = None,
+    max_iter: int = 10,
+    tol: float = 1e-2,
+    seed: int = 0,
+    method: str = "auto",
+    bn_mode: str = "eval",
+    autocast_dtype: torch.dtype | None = None,
+    sdpa_math: bool = True,
+) -> EigenResult:
     """Top (largest-magnitude) Hessian eigenvalue by power iteration.
 
     Args:
@@ -372,10 +420,19 @@ def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], *,
     return EigenResult(eig, v, it, converged, finite=finite, samples=op.samples)
 
 
-def hutchinson_trace(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], *,
-                     params: Sequence[torch.Tensor] | None = None, n_samples: int = 20, seed: int = 0,
-                     method: str = "auto", bn_mode: str = "eval", autocast_dtype: torch.dtype | None = None,
-                     sdpa_math: bool = True) -> TraceResult:
+def hutchinson_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    *,
+    params: Sequence[torch.Tensor] | None = None,
+    n_samples: int = 20,
+    seed: int = 0,
+    method: str = "auto",
+    bn_mode: str = "eval",
+    autocast_dtype: torch.dtype | None = None,
+    sdpa_math: bool = True,
+) -> TraceResult:
     """Hutchinson's estimate ``E[v^T H v]`` with Rademacher ``v`` from a seeded generator."""
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -385,7 +442,10 @@ def hutchinson_trace(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], 
     with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
         op = HessianOperator(model, loss_fn, batches, params, method=method, autocast_dtype=autocast_dtype)
         for _ in range(n_samples):
-            v = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, _zeros(p).dtype) for p in params]
+            v = [
+                (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, _zeros(p).dtype)
+                for p in params
+            ]
             values.append(float(_dot(op(v), v)))  # sync point: one value per probe
     t = torch.tensor(values, dtype=torch.float64)
     finite = bool(torch.isfinite(t).all())

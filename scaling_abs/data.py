@@ -60,8 +60,10 @@ def read_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> dict[str, np.nda
     """The four idx.gz files: train/test images ``(N, 28, 28)`` uint8 and labels ``(N,)`` uint8."""
     root = Path(root)
     files = {
-        "train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
-        "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz",
+        "train_images": "train-images-idx3-ubyte.gz",
+        "train_labels": "train-labels-idx1-ubyte.gz",
+        "test_images": "t10k-images-idx3-ubyte.gz",
+        "test_labels": "t10k-labels-idx1-ubyte.gz",
     }
     missing = [name for name in files.values() if not (root / name).exists()]
     if missing:
@@ -108,7 +110,9 @@ def _transforms(augmentation: str, image_size: int, train: bool):
     if augmentation == "none":
         return None
     if augmentation == "crop_flip":
-        return v2.Compose([v2.RandomCrop(image_size, padding=4), v2.RandomHorizontalFlip()]) if train else None
+        return (
+            v2.Compose([v2.RandomCrop(image_size, padding=4), v2.RandomHorizontalFlip()]) if train else None
+        )
     if augmentation == "resized_crop_flip":
         if train:
             return v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])
@@ -145,7 +149,11 @@ def _image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tu
     samples = []
     for c in classes:
         for dirpath, _, files in sorted(os.walk(root / c)):
-            samples += [(os.path.join(dirpath, f), index[c]) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+            samples += [
+                (os.path.join(dirpath, f), index[c])
+                for f in sorted(files)
+                if f.lower().endswith(IMG_EXTENSIONS)
+            ]
     if not samples:
         raise UserError(f"data_dir: no images under {root}")
     return samples, classes
@@ -158,10 +166,15 @@ def _need_dir(path: Path, what: str) -> None:
 
 def _fashion_mnist(data_dir, aug, **_):
     arrays = read_fashion_mnist(data_dir or FASHION_MNIST_DIR)
-    train = TensorImageDataset(torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
-                               torch.from_numpy(arrays["train_labels"].astype(np.int64)), _transforms(aug, 28, True))
-    test = TensorImageDataset(torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1),
-                              torch.from_numpy(arrays["test_labels"].astype(np.int64)))
+    train = TensorImageDataset(
+        torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
+        torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        _transforms(aug, 28, True),
+    )
+    test = TensorImageDataset(
+        torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1),
+        torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+    )
     return train, test, 10, 1, 28
 
 
@@ -188,7 +201,9 @@ def _svhn(data_dir, aug, download):
     import torchvision
 
     if not data_dir:
-        raise UserError("data_dir: svhn needs data_dir= (the folder with train_32x32.mat, extra_32x32.mat, test_32x32.mat)")
+        raise UserError(
+            "data_dir: svhn needs data_dir= (the folder with train_32x32.mat, extra_32x32.mat, test_32x32.mat)"
+        )
     try:
         parts = [torchvision.datasets.SVHN(data_dir, split="train", download=download)]
         if download or (Path(data_dir) / "extra_32x32.mat").exists():  # the paper trains on train + extra
@@ -215,8 +230,13 @@ def _tinyimagenet(data_dir, aug, **_):
     else:
         _need_dir(root / "val", "TinyImageNet val/ folder")
         val_samples, _ = _image_folder(root / "val", classes)
-    return (_FileImageDataset(train_samples, _transforms(aug, 64, True), 64),
-            _FileImageDataset(val_samples, None, 64), len(classes), 3, 64)
+    return (
+        _FileImageDataset(train_samples, _transforms(aug, 64, True), 64),
+        _FileImageDataset(val_samples, None, 64),
+        len(classes),
+        3,
+        64,
+    )
 
 
 def _imagenet(data_dir, aug, **_):
@@ -233,13 +253,23 @@ def _imagenet(data_dir, aug, **_):
     else:
         val_samples, _ = _image_folder(root / "val", classes)
     size = 224 if aug == "resized_crop_flip" else None
-    return (_FileImageDataset(train_samples, _transforms(aug, 224, True)),
-            _FileImageDataset(val_samples, _transforms(aug, 224, False)), len(classes), 3, size or 224)
+    return (
+        _FileImageDataset(train_samples, _transforms(aug, 224, True)),
+        _FileImageDataset(val_samples, _transforms(aug, 224, False)),
+        len(classes),
+        3,
+        size or 224,
+    )
 
 
 class _HFImageDataset(Dataset):
     def __init__(self, ds, image_column: str, label_column: str, transform: Callable | None):
-        self.ds, self.image_column, self.label_column, self.transform = ds, image_column, label_column, transform
+        self.ds, self.image_column, self.label_column, self.transform = (
+            ds,
+            image_column,
+            label_column,
+            transform,
+        )
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -253,7 +283,13 @@ class _HFImageDataset(Dataset):
             x = TF.to_dtype(TF.to_image(img), torch.float32, scale=True)
         else:
             arr = torch.as_tensor(np.asarray(img))
-            arr = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1) if arr.shape[-1] in (1, 3) else arr
+            arr = (
+                arr.unsqueeze(0)
+                if arr.ndim == 2
+                else arr.permute(2, 0, 1)
+                if arr.shape[-1] in (1, 3)
+                else arr
+            )
             # integer pixels (uint8, or int64 after a round trip through Arrow) are 0..255
             x = arr.float().div(255) if not arr.is_floating_point() else arr.float()
         return (self.transform(x) if self.transform else x), int(row[self.label_column])
@@ -263,7 +299,9 @@ def _hf(name, data_dir, aug, image_column, label_column, **_):
     try:
         import datasets
     except ImportError:
-        raise UserError("dataset: hf: data sets need the datasets package (pip install 'scaling-abs[hf]')") from None
+        raise UserError(
+            "dataset: hf: data sets need the datasets package (pip install 'scaling-abs[hf]')"
+        ) from None
     source = data_dir or name
     try:
         ds = datasets.load_from_disk(source) if Path(source).is_dir() else datasets.load_dataset(source)
@@ -281,18 +319,35 @@ def _hf(name, data_dir, aug, image_column, label_column, **_):
     x0, _ = train[0]
     train.transform = _transforms(aug, x0.shape[-1], True)
     feature = ds["train"].features[label_column]
-    num_classes = feature.num_classes if hasattr(feature, "num_classes") else int(max(ds["train"][label_column])) + 1
-    return train, _HFImageDataset(ds[test_split], image_column, label_column, None), num_classes, x0.shape[0], x0.shape[-1]
+    num_classes = (
+        feature.num_classes if hasattr(feature, "num_classes") else int(max(ds["train"][label_column])) + 1
+    )
+    return (
+        train,
+        _HFImageDataset(ds[test_split], image_column, label_column, None),
+        num_classes,
+        x0.shape[0],
+        x0.shape[-1],
+    )
 
 
-def build_dataset(name: str, *, data_dir: str | None = None, augmentation: str = "none", download: bool = False,
-                  image_column: str = "image", label_column: str = "label",
-                  limit_train_samples: int | None = None) -> DataBundle:
+def build_dataset(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    augmentation: str = "none",
+    download: bool = False,
+    image_column: str = "image",
+    label_column: str = "label",
+    limit_train_samples: int | None = None,
+) -> DataBundle:
     """The named data set as a :class:`DataBundle` (train/test sets, classes, channels, size, mean/std)."""
     if data_dir and not Path(data_dir).exists():
         raise UserError(f"data_dir: no such directory: {data_dir}")
     if name.startswith("hf:"):
-        train, test, classes, channels, size = _hf(name[3:], data_dir, augmentation, image_column, label_column)
+        train, test, classes, channels, size = _hf(
+            name[3:], data_dir, augmentation, image_column, label_column
+        )
         mean = std = None
     elif name == "fashion_mnist":
         train, test, classes, channels, size = _fashion_mnist(data_dir, augmentation)

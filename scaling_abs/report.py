@@ -49,29 +49,43 @@ def load_run(path: str | Path) -> Run:
 
 def summary_table(runs: list[Run]) -> str:
     """One row per run: accuracy, updates, largest batch, wall time, curvature share."""
-    lines = ["| run | strategy | B_max | test acc. (%) | updates | largest batch | wall time (s) | curvature (% of time) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| run | strategy | B_max | test acc. (%) | updates | largest batch | wall time (s) | curvature (% of time) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in runs:
         s = r.summary
         share = 100 * s["curvature_time_s"] / s["wall_time_s"] if s.get("wall_time_s") else 0.0
-        lines.append(f"| {r.path.name} | {r.config.get('strategy', '?')} | {r.config.get('max_batch_size', '?')} | "
-                     f"{100 * s['test_accuracy']:.2f} | {s['updates']:,} | {s['max_batch_size']:,} | "
-                     f"{s['wall_time_s']:.0f} | {share:.1f} |")
+        lines.append(
+            f"| {r.path.name} | {r.config.get('strategy', '?')} | {r.config.get('max_batch_size', '?')} | "
+            f"{100 * s['test_accuracy']:.2f} | {s['updates']:,} | {s['max_batch_size']:,} | "
+            f"{s['wall_time_s']:.0f} | {share:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def comparison_table(runs: list[Run]) -> str:
     """The paper's Table 1 layout: rows = largest allowed batch, columns = "acc. / updates" per method."""
-    methods = [m for m in ("bl", "fb", "gg", "abs", "absa") if any(r.config.get("strategy") == m for r in runs)]
-    sizes = sorted({int(r.config.get("max_batch_size", 0)) if r.config.get("strategy") != "bl"
-                    else int(r.config.get("batch_size", 0)) for r in runs})
+    methods = [
+        m for m in ("bl", "fb", "gg", "abs", "absa") if any(r.config.get("strategy") == m for r in runs)
+    ]
+    sizes = sorted(
+        {
+            int(r.config.get("max_batch_size", 0))
+            if r.config.get("strategy") != "bl"
+            else int(r.config.get("batch_size", 0))
+            for r in runs
+        }
+    )
     cell: dict[tuple[int, str], str] = {}
     for r in runs:
         m = r.config.get("strategy")
         b = int(r.config.get("batch_size" if m == "bl" else "max_batch_size", 0))
         cell[(b, m)] = f"{100 * r.summary['test_accuracy']:.2f} / {r.summary['updates']:,}"
-    lines = ["| batch | " + " | ".join(f"{m.upper()} acc. / updates" for m in methods) + " |",
-             "| --- |" + " --- |" * len(methods)]
+    lines = [
+        "| batch | " + " | ".join(f"{m.upper()} acc. / updates" for m in methods) + " |",
+        "| --- |" + " --- |" * len(methods),
+    ]
     for b in sizes:
         lines.append(f"| {b} | " + " | ".join(cell.get((b, m), "-") for m in methods) + " |")
     return "\n".join(lines)
@@ -107,7 +121,12 @@ def plot_training(runs: list[Run], path: str | Path) -> None:
     plt, fig, (ax_l, ax_a) = _figure(2)
     for r in runs:
         ax_l.plot([s["epoch"] for s in r.steps], [s["loss"] for s in r.steps], lw=0.6, label=r.label)
-        ax_a.plot([e["epoch"] for e in r.evals], [100 * e["test_accuracy"] for e in r.evals], marker="o", label=r.label)
+        ax_a.plot(
+            [e["epoch"] for e in r.evals],
+            [100 * e["test_accuracy"] for e in r.evals],
+            marker="o",
+            label=r.label,
+        )
     ax_l.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
     ax_a.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     ax_a.legend(fontsize=8)
@@ -122,8 +141,12 @@ def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
     for r in runs:
         if r.checks:
             block = r.config.get("hessian_block", "all")
-            ax.plot([c["epoch"] for c in r.checks], [c["eigenvalue"] for c in r.checks], marker=".",
-                    label=f"{r.label}, {'full' if block == 'all' else block} Hessian")
+            ax.plot(
+                [c["epoch"] for c in r.checks],
+                [c["eigenvalue"] for c in r.checks],
+                marker=".",
+                label=f"{r.label}, {'full' if block == 'all' else block} Hessian",
+            )
     ax.set(xlabel="epoch", ylabel="top eigenvalue", yscale="log", title="top Hessian eigenvalue")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -148,8 +171,9 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     text = "## Runs\n\n" + summary_table(runs) + "\n\n## Paper layout\n\n" + comparison_table(runs) + "\n"
     (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps([{"run": str(r.path), "config": r.config, "summary": r.summary}
-                                                 for r in runs], indent=2))
+    (out / "report.json").write_text(
+        json.dumps([{"run": str(r.path), "config": r.config, "summary": r.summary} for r in runs], indent=2)
+    )
     plot_schedule(runs, out / "schedule.png")
     plot_training(runs, out / "training.png")
     plot_eigenvalues(runs, out / "eigenvalues.png")

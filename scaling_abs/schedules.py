@@ -81,8 +81,15 @@ class LinearScalingWarmup(Schedule):
     """FB (Goyal et al. 2017): train at ``batch_size`` with the LR scaled by ``k = batch_size /
     base_batch_size``, ramped linearly from 1x to kx over ``warmup_epochs``, then BL's decays."""
 
-    def __init__(self, batch_size: int, *, base_batch_size: int = 128, warmup_epochs: float = 5.0,
-                 lr_decay: float = 0.2, lr_decay_epochs: Sequence[float] = ()):
+    def __init__(
+        self,
+        batch_size: int,
+        *,
+        base_batch_size: int = 128,
+        warmup_epochs: float = 5.0,
+        lr_decay: float = 0.2,
+        lr_decay_epochs: Sequence[float] = (),
+    ):
         _check_batch(base_batch_size, batch_size)
         _check_decay(lr_decay, lr_decay_epochs)
         if warmup_epochs < 0:
@@ -107,8 +114,14 @@ class IncreaseBatch(Schedule):
     [(128, 1.0), (640, 1.0), (3200, 1.0), (4096, 0.256)]
     """
 
-    def __init__(self, batch_size: int, max_batch_size: int, *, lr_decay: float = 0.2,
-                 lr_decay_epochs: Sequence[float] = ()):
+    def __init__(
+        self,
+        batch_size: int,
+        max_batch_size: int,
+        *,
+        lr_decay: float = 0.2,
+        lr_decay_epochs: Sequence[float] = (),
+    ):
         _check_batch(batch_size, max_batch_size)
         _check_decay(lr_decay, lr_decay_epochs)
         self.batch_size, self.max_batch_size = batch_size, max_batch_size
@@ -138,9 +151,21 @@ class AdaptiveBatchSize(Schedule):
 
     adaptive = True
 
-    def __init__(self, batch_size: int, max_batch_size: int, *, alpha: float = 2.0, beta: float = 2,
-                 kappa: int = 10, adv_fraction: float = 0.0, adv_decay: float = 2.0, lr_scaling: str = "linear",
-                 lr_decay: float = 1.0, lr_decay_epochs: Sequence[float] = (), adv_stop_epoch: float | None = None):
+    def __init__(
+        self,
+        batch_size: int,
+        max_batch_size: int,
+        *,
+        alpha: float = 2.0,
+        beta: float = 2,
+        kappa: int = 10,
+        adv_fraction: float = 0.0,
+        adv_decay: float = 2.0,
+        lr_scaling: str = "linear",
+        lr_decay: float = 1.0,
+        lr_decay_epochs: Sequence[float] = (),
+        adv_stop_epoch: float | None = None,
+    ):
         _check_batch(batch_size, max_batch_size)
         _check_decay(lr_decay, lr_decay_epochs)
         if not alpha > 1:
@@ -158,7 +183,11 @@ class AdaptiveBatchSize(Schedule):
         self.initial_batch_size, self.max_batch_size = batch_size, max_batch_size
         self.alpha, self.beta, self.kappa = alpha, beta, kappa
         self.adv_decay, self.lr_scaling = adv_decay, lr_scaling
-        self.lr_decay, self.lr_decay_epochs, self.adv_stop_epoch = lr_decay, tuple(lr_decay_epochs), adv_stop_epoch
+        self.lr_decay, self.lr_decay_epochs, self.adv_stop_epoch = (
+            lr_decay,
+            tuple(lr_decay_epochs),
+            adv_stop_epoch,
+        )
         # the state: what cannot be recomputed from progress
         self.batch_size = batch_size
         self.reference: float | None = None
@@ -177,7 +206,9 @@ class AdaptiveBatchSize(Schedule):
 
     def _grow(self) -> None:
         self.batch_size = min(int(round(self.batch_size * self.beta)), self.max_batch_size)
-        self.adv_fraction = 0.0 if self.batch_size >= self.max_batch_size else self.adv_fraction / self.adv_decay
+        self.adv_fraction = (
+            0.0 if self.batch_size >= self.max_batch_size else self.adv_fraction / self.adv_decay
+        )
         self.checks_without_growth = 0
         self.growths += 1
 
@@ -201,12 +232,18 @@ class AdaptiveBatchSize(Schedule):
         adv = self.adv_fraction
         if self.adv_stop_epoch is not None and epoch >= self.adv_stop_epoch:
             adv = 0.0
-        return StepSettings(self.batch_size, step_decay(epoch, self.lr_decay, self.lr_decay_epochs) * self.lr_scale, adv)
+        return StepSettings(
+            self.batch_size, step_decay(epoch, self.lr_decay, self.lr_decay_epochs) * self.lr_scale, adv
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "reference": self.reference,
-                "checks_without_growth": self.checks_without_growth, "adv_fraction": self.adv_fraction,
-                "growths": self.growths}
+        return {
+            "batch_size": self.batch_size,
+            "reference": self.reference,
+            "checks_without_growth": self.checks_without_growth,
+            "adv_fraction": self.adv_fraction,
+            "growths": self.growths,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_size = int(state["batch_size"])
@@ -219,24 +256,49 @@ class AdaptiveBatchSize(Schedule):
 STRATEGIES = ("bl", "fb", "gg", "abs", "absa")
 
 
-def build_schedule(strategy: str, *, batch_size: int, max_batch_size: int, base_batch_size: int | None = None,
-                   lr_decay: float = 0.2, lr_decay_epochs: Sequence[float] = (), warmup_epochs: float = 5.0,
-                   alpha: float = 2.0, beta: float = 2, kappa: int = 10, adv_fraction: float = 0.2,
-                   adv_decay: float = 2.0, adv_stop_epoch: float | None = None,
-                   lr_scaling: str = "linear") -> Schedule:
+def build_schedule(
+    strategy: str,
+    *,
+    batch_size: int,
+    max_batch_size: int,
+    base_batch_size: int | None = None,
+    lr_decay: float = 0.2,
+    lr_decay_epochs: Sequence[float] = (),
+    warmup_epochs: float = 5.0,
+    alpha: float = 2.0,
+    beta: float = 2,
+    kappa: int = 10,
+    adv_fraction: float = 0.2,
+    adv_decay: float = 2.0,
+    adv_stop_epoch: float | None = None,
+    lr_scaling: str = "linear",
+) -> Schedule:
     """The strategy by name. FB trains at ``max_batch_size`` with ``batch_size`` as the LR's
     reference batch; ABS is ABSA with no adversarial examples."""
     if strategy == "bl":
         return ConstantBatch(batch_size, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs)
     if strategy == "fb":
-        return LinearScalingWarmup(max_batch_size, base_batch_size=base_batch_size or batch_size,
-                                   warmup_epochs=warmup_epochs, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs)
+        return LinearScalingWarmup(
+            max_batch_size,
+            base_batch_size=base_batch_size or batch_size,
+            warmup_epochs=warmup_epochs,
+            lr_decay=lr_decay,
+            lr_decay_epochs=lr_decay_epochs,
+        )
     if strategy == "gg":
         return IncreaseBatch(batch_size, max_batch_size, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs)
     if strategy in ("abs", "absa"):
         return AdaptiveBatchSize(
-            batch_size, max_batch_size, alpha=alpha, beta=beta, kappa=kappa,
-            adv_fraction=adv_fraction if strategy == "absa" else 0.0, adv_decay=adv_decay, lr_scaling=lr_scaling,
-            lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs, adv_stop_epoch=adv_stop_epoch,
+            batch_size,
+            max_batch_size,
+            alpha=alpha,
+            beta=beta,
+            kappa=kappa,
+            adv_fraction=adv_fraction if strategy == "absa" else 0.0,
+            adv_decay=adv_decay,
+            lr_scaling=lr_scaling,
+            lr_decay=lr_decay,
+            lr_decay_epochs=lr_decay_epochs,
+            adv_stop_epoch=adv_stop_epoch,
         )
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

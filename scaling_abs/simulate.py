@@ -26,8 +26,14 @@ RESNET18_PARAMS = 11_689_512
 PAPER_TOTALS = {"BL": 16666.0, "GG": 6150.0, "ABS": 2666.0, "ABSA": 3467.0}
 
 
-def ring_allreduce_time(num_params: int, processes: int, *, latency_s: float = 2e-6,
-                        bandwidth_bits_per_s: float = 6e9, bits_per_param: int = 32) -> float:
+def ring_allreduce_time(
+    num_params: int,
+    processes: int,
+    *,
+    latency_s: float = 2e-6,
+    bandwidth_bits_per_s: float = 6e9,
+    bits_per_param: int = 32,
+) -> float:
     """Eq. (14): ``2 (alpha log2 p + (p - 1) / p |theta| / bandwidth)``; 0 for one process."""
     if processes <= 1:
         return 0.0
@@ -59,7 +65,9 @@ class SimRow:
 
 def _row(method: str, updates: int, t_comp: float, t_comm: float, t_hess: float, checks: int) -> SimRow:
     total = updates * (t_comp + t_comm) + checks * t_hess
-    return SimRow(method, updates, t_comp, t_comm, t_hess, checks, total, paper_total_s=PAPER_TOTALS.get(method))
+    return SimRow(
+        method, updates, t_comp, t_comm, t_hess, checks, total, paper_total_s=PAPER_TOTALS.get(method)
+    )
 
 
 def paper_table3() -> list[SimRow]:
@@ -112,8 +120,14 @@ def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
     return records, json.loads(summary.read_text())
 
 
-def simulate_from_run(run_dir: str | Path, *, processes: int, latency_s: float = 2e-6,
-                      bandwidth_bits_per_s: float = 6e9, num_params: int | None = None) -> dict:
+def simulate_from_run(
+    run_dir: str | Path,
+    *,
+    processes: int,
+    latency_s: float = 2e-6,
+    bandwidth_bits_per_s: float = 6e9,
+    num_params: int | None = None,
+) -> dict:
     """Predict a real run's wall time on ``processes`` processes, against a fixed-batch run of the
     same samples at the run's initial batch.
 
@@ -129,7 +143,9 @@ def simulate_from_run(run_dir: str | Path, *, processes: int, latency_s: float =
     n_params = num_params or int(summary.get("num_params", 0))
     if n_params <= 0:
         raise UserError("num_params: not in summary.json; pass num_params=")
-    comm = ring_allreduce_time(n_params, processes, latency_s=latency_s, bandwidth_bits_per_s=bandwidth_bits_per_s)
+    comm = ring_allreduce_time(
+        n_params, processes, latency_s=latency_s, bandwidth_bits_per_s=bandwidth_bits_per_s
+    )
     per_sample = sum(r["step_time_s"] for r in steps) / sum(r["batch_size"] for r in steps)
     samples = sum(r["batch_size"] for r in steps)
     adaptive_comp = samples * per_sample / processes
@@ -139,20 +155,31 @@ def simulate_from_run(run_dir: str | Path, *, processes: int, latency_s: float =
     fixed_updates = math.ceil(samples / first)
     fixed = adaptive_comp + fixed_updates * comm
     return {
-        "processes": processes, "num_params": n_params, "samples": samples,
-        "updates": len(steps), "fixed_batch": first, "fixed_updates": fixed_updates,
-        "per_sample_compute_s": per_sample, "comm_per_update_s": comm,
-        "adaptive_total_s": adaptive + hess, "adaptive_hessian_s": hess, "fixed_total_s": fixed,
+        "processes": processes,
+        "num_params": n_params,
+        "samples": samples,
+        "updates": len(steps),
+        "fixed_batch": first,
+        "fixed_updates": fixed_updates,
+        "per_sample_compute_s": per_sample,
+        "comm_per_update_s": comm,
+        "adaptive_total_s": adaptive + hess,
+        "adaptive_hessian_s": hess,
+        "fixed_total_s": fixed,
         "speedup": fixed / (adaptive + hess),
     }
 
 
 def _table(rows: list[SimRow]) -> str:
-    lines = ["| method | updates | T_comp (s) | T_comm (s) | T_Hess (s) | checks | total (s) | speed-up | paper total (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | updates | T_comp (s) | T_comm (s) | T_Hess (s) | checks | total (s) | speed-up | paper total (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r.method} | {r.updates:,} | {r.t_comp_s:.3g} | {r.t_comm_s:.3g} | {r.t_hess_s:.3g} | "
-                     f"{r.checks} | {r.total_s:,.0f} | {r.speedup:.2f}x | {r.paper_total_s:,.0f} ({100 * r.off_by:+.1f}%) |")
+        lines.append(
+            f"| {r.method} | {r.updates:,} | {r.t_comp_s:.3g} | {r.t_comm_s:.3g} | {r.t_hess_s:.3g} | "
+            f"{r.checks} | {r.total_s:,.0f} | {r.speedup:.2f}x | {r.paper_total_s:,.0f} ({100 * r.off_by:+.1f}%) |"
+        )
     return "\n".join(lines)
 
 
@@ -164,11 +191,15 @@ def main(argv: list[str]) -> int:
     for item in (a for a in argv if a != "--json"):
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"{item}: expected key=value (preset=, run_dir=, processes=, latency_us=, bandwidth_gbps=)")
+            raise UserError(
+                f"{item}: expected key=value (preset=, run_dir=, processes=, latency_us=, bandwidth_gbps=)"
+            )
         opts[key] = value
     unknown = set(opts) - {"preset", "run_dir", "processes", "latency_us", "bandwidth_gbps", "num_params"}
     if unknown:
-        raise UserError(f"{sorted(unknown)[0]}: unknown key (preset, run_dir, processes, latency_us, bandwidth_gbps)")
+        raise UserError(
+            f"{sorted(unknown)[0]}: unknown key (preset, run_dir, processes, latency_us, bandwidth_gbps)"
+        )
     try:
         processes = int(opts.get("processes", "512"))
         latency = float(opts.get("latency_us", "2")) * 1e-6
@@ -179,8 +210,13 @@ def main(argv: list[str]) -> int:
     if processes < 1 or latency < 0 or bandwidth <= 0:
         raise UserError("processes: must be >= 1, latency_us >= 0, bandwidth_gbps > 0")
     if "run_dir" in opts:
-        result = simulate_from_run(opts["run_dir"], processes=processes, latency_s=latency,
-                                   bandwidth_bits_per_s=bandwidth, num_params=num_params)
+        result = simulate_from_run(
+            opts["run_dir"],
+            processes=processes,
+            latency_s=latency,
+            bandwidth_bits_per_s=bandwidth,
+            num_params=num_params,
+        )
         if as_json:
             print(json.dumps(result, indent=2))
         else:

@@ -177,8 +177,12 @@ class Trainer:
         )
         d = self.data
         self.model = build_model(
-            cfg.model, num_classes=d.num_classes, in_channels=d.in_channels, image_size=d.image_size,
-            mean=d.mean, std=d.std,
+            cfg.model,
+            num_classes=d.num_classes,
+            in_channels=d.in_channels,
+            image_size=d.image_size,
+            mean=d.mean,
+            std=d.std,
         )
         self.num_params = count_parameters(self.model)
         optimizer = torch.optim.SGD(
@@ -236,8 +240,11 @@ class Trainer:
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
             # A resumed run replays the steps after its checkpoint: drop their old records.
-            keep = [line for line in metrics.read_text().splitlines()
-                    if line and json.loads(line).get("samples", 0) <= self.state.samples]
+            keep = [
+                line
+                for line in metrics.read_text().splitlines()
+                if line and json.loads(line).get("samples", 0) <= self.state.samples
+            ]
             metrics.write_text("".join(line + "\n" for line in keep))
         self._metrics = open(self.out / "metrics.jsonl", "a")
         if self.cfg.tensorboard:
@@ -324,9 +331,15 @@ class Trainer:
         params = curvature.resolve_block(model, cfg.hessian_block)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         result = curvature.top_eigenvalue(
-            model, curvature.cross_entropy_loss, self._hessian_batches(), params=params,
-            max_iter=cfg.hessian_iters, tol=cfg.hessian_tol, seed=cfg.seed + self.state.checks,
-            bn_mode=cfg.hessian_bn_mode, autocast_dtype=dtype,
+            model,
+            curvature.cross_entropy_loss,
+            self._hessian_batches(),
+            params=params,
+            max_iter=cfg.hessian_iters,
+            tol=cfg.hessian_tol,
+            seed=cfg.seed + self.state.checks,
+            bn_mode=cfg.hessian_bn_mode,
+            autocast_dtype=dtype,
         )
         before = self.schedule.at(self.epoch).batch_size
         grew = self.schedule.observe(result.eigenvalue)  # every rank sees the same all-reduced value
@@ -335,10 +348,20 @@ class Trainer:
         self.state.curvature_time_s += seconds
         self.state.checks += 1
         return {
-            "kind": "check", "step": self.state.step, "samples": self.state.samples, "epoch": self.epoch,
-            "eigenvalue": result.eigenvalue, "iterations": result.iterations, "converged": result.converged,
-            "finite": result.finite, "hessian_samples": self.cfg.hessian_samples, "block": cfg.hessian_block,
-            "seconds": seconds, "batch_before": before, "batch_after": after, "grew": grew,
+            "kind": "check",
+            "step": self.state.step,
+            "samples": self.state.samples,
+            "epoch": self.epoch,
+            "eigenvalue": result.eigenvalue,
+            "iterations": result.iterations,
+            "converged": result.converged,
+            "finite": result.finite,
+            "hessian_samples": self.cfg.hessian_samples,
+            "block": cfg.hessian_block,
+            "seconds": seconds,
+            "batch_before": before,
+            "batch_after": after,
+            "grew": grew,
         }
 
     # -- evaluation --------------------------------------------------------------------------
@@ -409,13 +432,20 @@ class Trainer:
         resumed = self._resume()
         self._open_logs()
         if resumed is not None:
-            self._log({"kind": "resume", "checkpoint": str(resumed), "samples": state.samples, "step": state.step})
+            self._log(
+                {"kind": "resume", "checkpoint": str(resumed), "samples": state.samples, "step": state.step}
+            )
         bar = None
         if cfg.progress and acc.is_main_process:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.total_samples, initial=min(state.samples, self.total_samples),
-                       unit="sample", unit_scale=True, dynamic_ncols=True)
+            bar = tqdm(
+                total=self.total_samples,
+                initial=min(state.samples, self.total_samples),
+                unit="sample",
+                unit_scale=True,
+                dynamic_ncols=True,
+            )
         start = time.perf_counter() - state.wall_time_s
         interrupted = False
         ckpt_epoch = int(state.samples // self.n_train)
@@ -432,28 +462,55 @@ class Trainer:
                 state.step += 1
                 state.last_loss = loss
                 state.max_batch_size = max(state.max_batch_size, plan.global_batch)
-                self._log({
-                    "kind": "step", "step": state.step, "samples": state.samples, "epoch": self.epoch,
-                    "batch_size": plan.global_batch, "micro_batch": plan.micro, "accumulation": plan.accumulation,
-                    "lr": lr, "adv_fraction": settings.adv_fraction, "loss": loss,
-                    "step_time_s": time.perf_counter() - t0,
-                })
+                self._log(
+                    {
+                        "kind": "step",
+                        "step": state.step,
+                        "samples": state.samples,
+                        "epoch": self.epoch,
+                        "batch_size": plan.global_batch,
+                        "micro_batch": plan.micro,
+                        "accumulation": plan.accumulation,
+                        "lr": lr,
+                        "adv_fraction": settings.adv_fraction,
+                        "loss": loss,
+                        "step_time_s": time.perf_counter() - t0,
+                    }
+                )
                 if bar is not None:
                     bar.update(min(plan.global_batch, self.total_samples - bar.n))
-                    bar.set_postfix(epoch=f"{self.epoch:.2f}", batch=plan.global_batch, lr=f"{lr:.3g}",
-                                    loss=f"{loss:.4f}", refresh=False)
+                    bar.set_postfix(
+                        epoch=f"{self.epoch:.2f}",
+                        batch=plan.global_batch,
+                        lr=f"{lr:.3g}",
+                        loss=f"{loss:.4f}",
+                        refresh=False,
+                    )
                 if state.samples >= state.next_check:
-                    state.next_check += self.check_every * (1 + (state.samples - state.next_check) // self.check_every)
+                    state.next_check += self.check_every * (
+                        1 + (state.samples - state.next_check) // self.check_every
+                    )
                     if self.schedule.adaptive and getattr(self.schedule, "wants_checks", True):
                         record = self._check()
                         self._log(record)
                         if bar is not None:
-                            bar.write(f"check @ epoch {self.epoch:.2f}: eigenvalue {record['eigenvalue']:.4g}, "
-                                      f"batch {record['batch_before']} -> {record['batch_after']}")
+                            bar.write(
+                                f"check @ epoch {self.epoch:.2f}: eigenvalue {record['eigenvalue']:.4g}, "
+                                f"batch {record['batch_before']} -> {record['batch_after']}"
+                            )
                 if state.samples >= state.next_eval or state.samples >= self.total_samples:
-                    state.next_eval += self.eval_every * (1 + (state.samples - state.next_eval) // self.eval_every)
-                    self._log({"kind": "eval", "step": state.step, "samples": state.samples, "epoch": self.epoch,
-                               **self.evaluate()})
+                    state.next_eval += self.eval_every * (
+                        1 + (state.samples - state.next_eval) // self.eval_every
+                    )
+                    self._log(
+                        {
+                            "kind": "eval",
+                            "step": state.step,
+                            "samples": state.samples,
+                            "epoch": self.epoch,
+                            **self.evaluate(),
+                        }
+                    )
                 state.wall_time_s = time.perf_counter() - start
                 epoch_now = int(state.samples // self.n_train)
                 due = (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
@@ -475,13 +532,23 @@ class Trainer:
         acc, state = self.accelerator, self.state
         final_eval = self.evaluate()
         summary = {
-            "test_accuracy": final_eval["test_accuracy"], "test_loss": final_eval["test_loss"],
-            "updates": state.step, "samples": state.samples, "epochs": self.epoch,
-            "wall_time_s": state.wall_time_s, "curvature_time_s": state.curvature_time_s,
-            "adversarial_time_s": state.adversarial_time_s, "curvature_checks": state.checks,
-            "max_batch_size": state.max_batch_size, "final_train_loss": state.last_loss,
-            "interrupted": interrupted, "num_params": self.num_params, "processes": acc.num_processes,
-            "strategy": self.cfg.strategy, "model": self.cfg.model, "dataset": self.cfg.dataset,
+            "test_accuracy": final_eval["test_accuracy"],
+            "test_loss": final_eval["test_loss"],
+            "updates": state.step,
+            "samples": state.samples,
+            "epochs": self.epoch,
+            "wall_time_s": state.wall_time_s,
+            "curvature_time_s": state.curvature_time_s,
+            "adversarial_time_s": state.adversarial_time_s,
+            "curvature_checks": state.checks,
+            "max_batch_size": state.max_batch_size,
+            "final_train_loss": state.last_loss,
+            "interrupted": interrupted,
+            "num_params": self.num_params,
+            "processes": acc.num_processes,
+            "strategy": self.cfg.strategy,
+            "model": self.cfg.model,
+            "dataset": self.cfg.dataset,
         }
         if acc.is_main_process:
             if not interrupted:

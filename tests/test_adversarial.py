@@ -35,7 +35,9 @@ def test_fgsm_clamps_to_bounds():
 
 def test_fgsm_leaves_the_model_as_it_was():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    )
     model.train()
     model[2].eval()
     model(torch.rand(4, 1, 6, 6))
@@ -66,11 +68,13 @@ def test_fgsm_under_bf16_autocast():
         out = fgsm(model, x, y, 0.01)
     assert out.dtype == x.dtype
     delta = (out - x).abs()
-    assert torch.all((delta <= 0.01 + 1e-6))
+    assert torch.all(delta <= 0.01 + 1e-6)
     assert (delta > 0).float().mean() > 0.5
 
 
-@pytest.mark.parametrize("n, fraction, k", [(10, 0.2, 2), (128, 0.2, 26), (7, 0.0, 0), (7, 1.0, 7), (3, 0.01, 1)])
+@pytest.mark.parametrize(
+    "n, fraction, k", [(10, 0.2, 2), (128, 0.2, 26), (7, 0.0, 0), (7, 1.0, 7), (3, 0.01, 1)]
+)
 def test_adversarial_count_is_ceil(n, fraction, k):
     assert adversarial_count(n, fraction) == k
 

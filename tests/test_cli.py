@@ -11,8 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scaling_abs", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "scaling_abs", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,9 +62,20 @@ def test_help_and_help_keys():
 
 def test_a_small_run_end_to_end(tmp_path):
     out = tmp_path / "run"
-    proc = cli("train", "model=mlp", "strategy=absa", "limit_train_samples=512", "epochs=1", "batch_size=64",
-               "max_batch_size=256", "hessian_every=128", "hessian_samples=64", "kappa=1", "progress=false",
-               f"output_dir={out}")
+    proc = cli(
+        "train",
+        "model=mlp",
+        "strategy=absa",
+        "limit_train_samples=512",
+        "epochs=1",
+        "batch_size=64",
+        "max_batch_size=256",
+        "hessian_every=128",
+        "hessian_samples=64",
+        "kappa=1",
+        "progress=false",
+        f"output_dir={out}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test accuracy" in proc.stdout and "largest batch" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())

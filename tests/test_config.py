@@ -11,7 +11,9 @@ def test_defaults_validate_and_are_the_embedded_default():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["lr=0.1", "epochs=2", "lr_decay_epochs=[1, 1.5]", "progress=false", "strategy=bl"])
+    cfg = load_config(
+        None, ["lr=0.1", "epochs=2", "lr_decay_epochs=[1, 1.5]", "progress=false", "strategy=bl"]
+    )
     assert cfg.lr == 0.1 and cfg.epochs == 2.0 and cfg.lr_decay_epochs == [1.0, 1.5]
     assert cfg.progress is False and cfg.strategy == "bl"
     assert parse_overrides(["deepspeed="]) == {"deepspeed": ""}
@@ -28,12 +30,25 @@ def test_every_preset_validates(preset):
 def test_paper_presets_follow_appendix_b():
     i3 = load_config("i3")
     assert (i3.model, i3.dataset, i3.epochs, i3.lr, i3.lr_decay, i3.lr_decay_epochs) == (
-        "i3", "imagenet", 90, 0.1, 0.1, [30.0, 60.0, 80.0])
+        "i3",
+        "imagenet",
+        90,
+        0.1,
+        0.1,
+        [30.0, 60.0, 80.0],
+    )
     s1 = load_config("s1")
     assert (s1.hessian_every, s1.lr, s1.lr_decay, s1.lr_decay_epochs) == (65536, 0.01, 0.2, [5.0, 10.0, 15.0])
     for p in ("s1", "c1", "i3"):
         cfg = load_config(p)
-        assert (cfg.alpha, cfg.beta, cfg.kappa, cfg.adv_eps, cfg.adv_fraction, cfg.adv_decay) == (2, 2, 10, 0.005, 0.2, 2)
+        assert (cfg.alpha, cfg.beta, cfg.kappa, cfg.adv_eps, cfg.adv_fraction, cfg.adv_decay) == (
+            2,
+            2,
+            10,
+            0.005,
+            0.2,
+            2,
+        )
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,11 @@ def test_deepspeed_configs_fill_auto(path):
     assert raw["train_batch_size"] == "auto" and raw["gradient_clipping"] == "auto"
     cfg = load_config(None, {"deepspeed": str(path), "grad_clip": 0.0, "mixed_precision": "bf16"})
     filled = _deepspeed_config(cfg, make_plan(512, 64, 2))
-    assert (filled["train_batch_size"], filled["train_micro_batch_size_per_gpu"],
-            filled["gradient_accumulation_steps"]) == (512, 64, 4)
+    assert (
+        filled["train_batch_size"],
+        filled["train_micro_batch_size_per_gpu"],
+        filled["gradient_accumulation_steps"],
+    ) == (512, 64, 4)
     assert filled["gradient_clipping"] == 0.0  # explicit, never DeepSpeed's/Accelerate's default
     assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
     assert "auto" not in json.dumps(filled)

@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from scaling_abs.data import FASHION_MNIST_DIR, TensorImageDataset, build_dataset, collate_batch, read_fashion_mnist
+from scaling_abs.data import (
+    FASHION_MNIST_DIR,
+    TensorImageDataset,
+    build_dataset,
+    collate_batch,
+    read_fashion_mnist,
+)
 from scaling_abs.errors import UserError
 
-needs_fmnist = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
+needs_fmnist = pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed"
+)
 
 
 @needs_fmnist
@@ -83,9 +91,16 @@ def test_tinyimagenet_official_layout(tmp_path):
 def test_hf_dataset_saved_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(0)
-    rows = {"img": [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(6)], "y": [0, 1, 2, 0, 1, 2]}
-    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
-                               "test": datasets.Dataset.from_dict({k: v[:2] for k, v in rows.items()})})
+    rows = {
+        "img": [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(6)],
+        "y": [0, 1, 2, 0, 1, 2],
+    }
+    ds = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows),
+            "test": datasets.Dataset.from_dict({k: v[:2] for k, v in rows.items()}),
+        }
+    )
     ds.save_to_disk(str(tmp_path / "toy"))
     from scaling_abs.data import _hf
 
@@ -101,7 +116,10 @@ def test_hf_dataset_saved_to_disk(tmp_path):
 def test_tensor_dataset_with_augmentation_is_per_sample():
     from scaling_abs.data import _transforms
 
-    ds = TensorImageDataset(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4),
-                            _transforms("crop_flip", 32, True))
+    ds = TensorImageDataset(
+        torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8),
+        torch.arange(4),
+        _transforms("crop_flip", 32, True),
+    )
     x, y = ds.__getitems__([0, 1, 2])
     assert x.shape == (3, 3, 32, 32) and y.tolist() == [0, 1, 2]

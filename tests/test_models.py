@@ -8,9 +8,17 @@ from scaling_abs.models import MODELS, Normalized, build_model, count_parameters
 
 # (classes, channels, size): the data set each model is for, at a small but valid size
 SHAPES = {
-    "mlp": (10, 1, 28), "cnn": (10, 1, 28), "vit_tiny": (10, 1, 28),
-    "s1": (10, 3, 32), "c1": (10, 3, 32), "c2": (10, 3, 32), "c3": (10, 3, 32), "c4": (100, 3, 32),
-    "i1": (200, 3, 64), "i2": (1000, 3, 64), "i3": (1000, 3, 64),
+    "mlp": (10, 1, 28),
+    "cnn": (10, 1, 28),
+    "vit_tiny": (10, 1, 28),
+    "s1": (10, 3, 32),
+    "c1": (10, 3, 32),
+    "c2": (10, 3, 32),
+    "c3": (10, 3, 32),
+    "c4": (100, 3, 32),
+    "i1": (200, 3, 64),
+    "i2": (1000, 3, 64),
+    "i3": (1000, 3, 64),
 }
 
 
@@ -29,9 +37,25 @@ def test_model_forward_backward(name):
 
 def test_paper_ids_and_augmentation():
     assert {MODELS[k].paper_id for k in ("s1", "c1", "c2", "c3", "c4", "i1", "i2", "i3")} == {
-        "S1", "C1", "C2", "C3", "C4", "I1", "I2", "I3"}
+        "S1",
+        "C1",
+        "C2",
+        "C3",
+        "C4",
+        "I1",
+        "I2",
+        "I3",
+    }
     assert [model_default_augmentation(m) for m in ("s1", "c1", "c2", "c3", "c4", "i1", "i2", "i3")] == [
-        "none", "none", "none", "crop_flip", "crop_flip", "crop_flip", "resized_crop_flip", "resized_crop_flip"]
+        "none",
+        "none",
+        "none",
+        "crop_flip",
+        "crop_flip",
+        "crop_flip",
+        "resized_crop_flip",
+        "resized_crop_flip",
+    ]
 
 
 def test_normalized_wrapper_math():

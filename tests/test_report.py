@@ -12,21 +12,39 @@ from scaling_abs.report import comparison_table, load_run, main, summary_table
 def fake_run(root, name, strategy, batch, max_batch, acc, updates):
     d = root / name
     d.mkdir()
-    (d / "config.yaml").write_text(yaml.safe_dump({"strategy": strategy, "batch_size": batch,
-                                                   "max_batch_size": max_batch, "hessian_block": "all"}))
-    (d / "summary.json").write_text(json.dumps({
-        "test_accuracy": acc, "updates": updates, "max_batch_size": max_batch, "wall_time_s": 100.0,
-        "curvature_time_s": 5.0}))
-    records = [{"kind": "step", "epoch": e / 4, "batch_size": batch * (1 + e // 2), "lr": 0.1, "loss": 1.0 / (e + 1)}
-               for e in range(8)]
-    records += [{"kind": "eval", "epoch": 1.0, "test_accuracy": acc}, {"kind": "check", "epoch": 1.0, "eigenvalue": 3.0}]
+    (d / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"strategy": strategy, "batch_size": batch, "max_batch_size": max_batch, "hessian_block": "all"}
+        )
+    )
+    (d / "summary.json").write_text(
+        json.dumps(
+            {
+                "test_accuracy": acc,
+                "updates": updates,
+                "max_batch_size": max_batch,
+                "wall_time_s": 100.0,
+                "curvature_time_s": 5.0,
+            }
+        )
+    )
+    records = [
+        {"kind": "step", "epoch": e / 4, "batch_size": batch * (1 + e // 2), "lr": 0.1, "loss": 1.0 / (e + 1)}
+        for e in range(8)
+    ]
+    records += [
+        {"kind": "eval", "epoch": 1.0, "test_accuracy": acc},
+        {"kind": "check", "epoch": 1.0, "eigenvalue": 3.0},
+    ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return d
 
 
 def test_tables_hold_the_numbers(tmp_path):
-    runs = [load_run(fake_run(tmp_path, "bl", "bl", 128, 128, 0.9012, 9375)),
-            load_run(fake_run(tmp_path, "absa", "absa", 128, 8192, 0.9034, 2100))]
+    runs = [
+        load_run(fake_run(tmp_path, "bl", "bl", 128, 128, 0.9012, 9375)),
+        load_run(fake_run(tmp_path, "absa", "absa", 128, 8192, 0.9034, 2100)),
+    ]
     assert len(runs[1].steps) == 8 and len(runs[1].checks) == 1 and len(runs[1].evals) == 1
     table = summary_table(runs)
     assert "| 90.12 | 9,375 |" in table and "| 90.34 | 2,100 |" in table and "| 5.0 |" in table
@@ -35,7 +53,9 @@ def test_tables_hold_the_numbers(tmp_path):
 
 
 def test_main_writes_report_and_figures(tmp_path, capsys):
-    dirs = [str(fake_run(tmp_path, n, s, 128, m, 0.9, 100)) for n, s, m in (("a", "bl", 128), ("b", "abs", 512))]
+    dirs = [
+        str(fake_run(tmp_path, n, s, 128, m, 0.9, 100)) for n, s, m in (("a", "bl", 128), ("b", "abs", 512))
+    ]
     assert main([*dirs, "--out", str(tmp_path / "rep")]) == 0
     for name in ("report.md", "report.json", "schedule.png", "training.png", "eigenvalues.png"):
         assert (tmp_path / "rep" / name).stat().st_size > 0
@@ -45,6 +65,9 @@ def test_main_writes_report_and_figures(tmp_path, capsys):
 def test_errors(tmp_path):
     with pytest.raises(UserError, match="summary.json"):
         load_run(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "scaling_abs", "report", str(tmp_path / "nope")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scaling_abs", "report", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -16,8 +16,16 @@ ALL = ["bl", "fb", "gg", "abs", "absa"]
 
 
 def make(strategy):
-    return build_schedule(strategy, batch_size=128, max_batch_size=2048, lr_decay=0.2, lr_decay_epochs=[5, 10, 15],
-                          warmup_epochs=2, adv_fraction=0.2, adv_stop_epoch=10)
+    return build_schedule(
+        strategy,
+        batch_size=128,
+        max_batch_size=2048,
+        lr_decay=0.2,
+        lr_decay_epochs=[5, 10, 15],
+        warmup_epochs=2,
+        adv_fraction=0.2,
+        adv_stop_epoch=10,
+    )
 
 
 def test_step_decay():
@@ -72,7 +80,9 @@ def test_gg_grows_instead_of_decaying_then_decays_at_the_cap():
 
 def test_abs_grows_on_halving_and_resets_reference():
     s = AdaptiveBatchSize(128, 4096, alpha=2, beta=2, kappa=10)
-    assert s.observe(10.0) is False and s.batch_size == 128 and s.reference == 10.0  # first sets the reference
+    assert (
+        s.observe(10.0) is False and s.batch_size == 128 and s.reference == 10.0
+    )  # first sets the reference
     assert s.observe(5.1) is False and s.batch_size == 128
     assert s.observe(5.0) is True and s.batch_size == 256 and s.reference == 5.0  # <= ref / alpha
     assert s.checks_without_growth == 0

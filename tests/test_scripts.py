@@ -24,10 +24,26 @@ def test_help_and_missing_data(script):
 
 
 def test_i3_multi_node_command():
-    proc = sh(ROOT / "benchmarks" / "run_imagenet_i3.sh", "epochs=1", DRY_RUN="1", DATA_DIR="/data/imagenet",
-              NUM_NODES="2", NODE_RANK="1", PROCS_PER_NODE="4", DEEPSPEED="zero2")
+    proc = sh(
+        ROOT / "benchmarks" / "run_imagenet_i3.sh",
+        "epochs=1",
+        DRY_RUN="1",
+        DATA_DIR="/data/imagenet",
+        NUM_NODES="2",
+        NODE_RANK="1",
+        PROCS_PER_NODE="4",
+        DEEPSPEED="zero2",
+    )
     assert proc.returncode == 0, proc.stderr
     cmd = proc.stdout
-    for part in ("--num_machines 2", "--machine_rank 1", "--num_processes 8", "--use_deepspeed",
-                 "-m scaling_abs train --config i3", "data_dir=/data/imagenet", "strategy=absa", "epochs=1"):
+    for part in (
+        "--num_machines 2",
+        "--machine_rank 1",
+        "--num_processes 8",
+        "--use_deepspeed",
+        "-m scaling_abs train --config i3",
+        "data_dir=/data/imagenet",
+        "strategy=absa",
+        "epochs=1",
+    ):
         assert part in cmd, part

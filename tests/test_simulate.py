@@ -56,7 +56,8 @@ def test_cli_json_and_errors(tmp_path, capsys):
         main(["bogus=1"])
     with pytest.raises(UserError, match="run_dir"):
         main([f"run_dir={tmp_path}"])
-    proc = subprocess.run([sys.executable, "-m", "scaling_abs", "simulate", "processes=x"], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scaling_abs", "simulate", "processes=x"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert math.isfinite(json.loads(json.dumps(rows))[0]["total_s"])

@@ -18,9 +18,20 @@ from scaling_abs.trainer import Trainer, _checkpoints, train
 ROOT = Path(__file__).resolve().parents[1]
 # Small, fast, exact: fp32, a model without batch statistics, plain SGD.
 BASE = {
-    "model": "mlp", "limit_train_samples": 1024, "epochs": 0.5, "batch_size": 64, "max_batch_size": 256,
-    "micro_batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "progress": False,
-    "tensorboard": False, "hessian_samples": 128, "hessian_iters": 5, "eval_every": 0.25,
+    "model": "mlp",
+    "limit_train_samples": 1024,
+    "epochs": 0.5,
+    "batch_size": 64,
+    "max_batch_size": 256,
+    "micro_batch_size": 64,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "progress": False,
+    "tensorboard": False,
+    "hessian_samples": 128,
+    "hessian_iters": 5,
+    "eval_every": 0.25,
 }
 
 
@@ -50,9 +61,20 @@ def test_accumulation_equals_one_big_batch(tmp_path):
 def test_outputs_and_batch_growth(tmp_path):
     summary, _ = run(tmp_path, "abs", strategy="absa", hessian_every=128, kappa=1, micro_batch_size=32)
     out = tmp_path / "abs"
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
-    for key in ("test_accuracy", "updates", "samples", "wall_time_s", "curvature_time_s", "adversarial_time_s",
-                "max_batch_size", "final_train_loss", "interrupted"):
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"} <= {
+        p.name for p in out.iterdir()
+    }
+    for key in (
+        "test_accuracy",
+        "updates",
+        "samples",
+        "wall_time_s",
+        "curvature_time_s",
+        "adversarial_time_s",
+        "max_batch_size",
+        "final_train_loss",
+        "interrupted",
+    ):
         assert key in summary
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["interrupted"] is False
     records = read_metrics(out)
@@ -121,15 +143,33 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    overrides = {**BASE, "strategy": "abs", "hessian_every": 128, "kappa": 1, "micro_batch_size": 16,
-                 "hessian_iters": 10, "hessian_tol": 0.0}
+    overrides = {
+        **BASE,
+        "strategy": "abs",
+        "hessian_every": 128,
+        "kappa": 1,
+        "micro_batch_size": 16,
+        "hessian_iters": 10,
+        "hessian_tol": 0.0,
+    }
     one, w_one = run(tmp_path, "one", **overrides)
     out = tmp_path / "two"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "tests" / "_dist_train_worker.py"),
-           json.dumps({**overrides, "output_dir": str(out)}), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "_dist_train_worker.py"),
+        json.dumps({**overrides, "output_dir": str(out)}),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
@@ -153,15 +193,31 @@ def test_deepspeed_zero2_trains_like_the_plain_run(tmp_path):
     out = tmp_path / "zero2"
     out.mkdir()
     # DeepSpeed falls back to MPI without these: a plain single-process run must set them.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    cmd = [sys.executable, str(ROOT / "tests" / "_dist_train_worker.py"),
-           json.dumps({**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / "zero2.json")}),
-           str(out)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "_dist_train_worker.py"),
+        json.dumps(
+            {**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / "zero2.json")}
+        ),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     zero2 = json.loads((out / "summary.json").read_text())
     assert (zero2["updates"], zero2["samples"], zero2["max_batch_size"]) == (
-        plain["updates"], plain["samples"], plain["max_batch_size"])
+        plain["updates"],
+        plain["samples"],
+        plain["max_batch_size"],
+    )
     assert zero2["max_batch_size"] > 64  # the batch grew through engine.set_train_batch_size
     assert_close(w_plain, load_file(str(out / "model.safetensors")), rtol=1e-4)

@@ -27,34 +27,47 @@ class ModelInfo:
 
 
 MODELS: dict[str, ModelInfo] = {
-    "mlp": ModelInfo("-", "MLP 2x128 tanh, no batch statistics (tests, equivalences)", "fashion_mnist", "none",
-                     vision.mlp),
-    "cnn": ModelInfo("-", "small CNN (2 conv + BN, 2 fc): the embedded default", "fashion_mnist", "none",
-                     vision.small_cnn),
+    "mlp": ModelInfo(
+        "-", "MLP 2x128 tanh, no batch statistics (tests, equivalences)", "fashion_mnist", "none", vision.mlp
+    ),
+    "cnn": ModelInfo(
+        "-", "small CNN (2 conv + BN, 2 fc): the embedded default", "fashion_mnist", "none", vision.small_cnn
+    ),
     "s1": ModelInfo("S1", "AlexNet-like (Yao et al. 2018, C1)", "svhn", "none", vision.alexnet_like),
     "c1": ModelInfo("C1", "ResNet-18, CIFAR variant", "cifar10", "none", vision.resnet18_cifar),
     "c2": ModelInfo("C2", "Wide-ResNet 16-4", "cifar10", "none", vision.wide_resnet_16_4),
     "c3": ModelInfo("C3", "SqueezeNext 1.0-23, CIFAR variant", "cifar10", "crop_flip", vision.squeezenext),
     "c4": ModelInfo("C4", "ResNet-18, CIFAR variant", "cifar100", "crop_flip", vision.resnet18_cifar),
-    "i1": ModelInfo("I1", "ResNet-50 (torchvision), 64x64 stem", "tinyimagenet", "crop_flip", vision.resnet50_tiny),
+    "i1": ModelInfo(
+        "I1", "ResNet-50 (torchvision), 64x64 stem", "tinyimagenet", "crop_flip", vision.resnet50_tiny
+    ),
     "i2": ModelInfo("I2", "AlexNet (torchvision)", "imagenet", "resized_crop_flip", vision.alexnet),
     "i3": ModelInfo("I3", "ResNet-18 (torchvision)", "imagenet", "resized_crop_flip", vision.resnet18),
-    "vit_tiny": ModelInfo("-", "ViT (transformers, from a config: 64 wide, 2 layers, 2 heads, patch 4)",
-                          "fashion_mnist", "none", vision.vit_tiny),
+    "vit_tiny": ModelInfo(
+        "-",
+        "ViT (transformers, from a config: 64 wide, 2 layers, 2 heads, patch 4)",
+        "fashion_mnist",
+        "none",
+        vision.vit_tiny,
+    ),
 }
 
 
 class Normalized(nn.Module):
     """``model((x - mean) / std)``: data stays in [0, 1], the model sees normalised inputs."""
 
-    def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(
+        self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+    ):
         super().__init__()
         self.model = model
         c = len(mean) if mean is not None else 0
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1) if c else None,
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1) if c else None,
-                             persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1) if c else None, persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1) if c else None, persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:
@@ -62,8 +75,15 @@ class Normalized(nn.Module):
         return self.model(x)
 
 
-def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
     """A zoo model (or ``hf:<name or local path>``) wrapped in :class:`Normalized`."""
     if name.startswith("hf:"):
         net = vision.hf_pretrained(name[3:], num_classes=num_classes)

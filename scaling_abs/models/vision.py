@@ -16,8 +16,10 @@ def mlp(*, num_classes: int, in_channels: int, image_size: int, width: int = 128
     """Two tanh hidden layers, no batch statistics: exact equivalence tests need that."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(in_channels * image_size * image_size, width), nn.Tanh(),
-        nn.Linear(width, width), nn.Tanh(),
+        nn.Linear(in_channels * image_size * image_size, width),
+        nn.Tanh(),
+        nn.Linear(width, width),
+        nn.Tanh(),
         nn.Linear(width, num_classes),
     )
 
@@ -26,12 +28,17 @@ def small_cnn(*, num_classes: int, in_channels: int, image_size: int) -> nn.Modu
     """The embedded default: cheap enough for CPU, ~91% on Fashion-MNIST in a few epochs."""
     side = image_size // 4
     return nn.Sequential(
-        nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * side * side, 128), nn.ReLU(inplace=True),
+        nn.Linear(32 * side * side, 128),
+        nn.ReLU(inplace=True),
         nn.Linear(128, num_classes),
     )
 
@@ -39,13 +46,20 @@ def small_cnn(*, num_classes: int, in_channels: int, image_size: int) -> nn.Modu
 def alexnet_like(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:  # noqa: ARG001
     """S1: the AlexNet-like model of Yao et al. (2018) (C1 there): two 5x5 conv + pool, fc 384, 192."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, 64, 5, padding=2),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
         nn.MaxPool2d(3, 2, padding=1),
-        nn.Conv2d(64, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        nn.Conv2d(64, 64, 5, padding=2),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
         nn.MaxPool2d(3, 2, padding=1),
-        nn.AdaptiveAvgPool2d(8), nn.Flatten(),
-        nn.Linear(64 * 8 * 8, 384), nn.ReLU(inplace=True),
-        nn.Linear(384, 192), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(8),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 384),
+        nn.ReLU(inplace=True),
+        nn.Linear(384, 192),
+        nn.ReLU(inplace=True),
         nn.Linear(192, num_classes),
     )
 
@@ -107,13 +121,20 @@ def wide_resnet_16_4(*, num_classes: int, in_channels: int, image_size: int) -> 
         for i in range(2):
             layers.append(_WideBasic(cin, width, stride if i == 0 else 1))
             cin = width
-    layers += [nn.BatchNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    layers += [
+        nn.BatchNorm2d(cin),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(cin, num_classes),
+    ]
     return nn.Sequential(*layers)
 
 
 def _conv_bn(cin: int, cout: int, kernel, stride: int = 1, padding=0) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class _SqNxtBlock(nn.Module):
@@ -124,8 +145,11 @@ class _SqNxtBlock(nn.Module):
         r = 0.5 if stride == 2 else (1.0 if cin > cout else 0.5)
         mid = int(cin * r)
         self.body = nn.Sequential(
-            _conv_bn(cin, mid, 1, stride), _conv_bn(mid, mid // 2, 1), _conv_bn(mid // 2, mid, (3, 1), padding=(1, 0)),
-            _conv_bn(mid, mid, (1, 3), padding=(0, 1)), _conv_bn(mid, cout, 1),
+            _conv_bn(cin, mid, 1, stride),
+            _conv_bn(mid, mid // 2, 1),
+            _conv_bn(mid // 2, mid, (3, 1), padding=(1, 0)),
+            _conv_bn(mid, mid, (1, 3), padding=(0, 1)),
+            _conv_bn(mid, cout, 1),
         )
         self.shortcut = nn.Identity() if cin == cout and stride == 1 else _conv_bn(cin, cout, 1, stride)
 
@@ -161,9 +185,17 @@ def vit_tiny(*, num_classes: int, in_channels: int, image_size: int) -> nn.Modul
     from transformers import ViTConfig, ViTForImageClassification
 
     patch = 4 if image_size % 4 == 0 else 2
-    config = ViTConfig(image_size=image_size, patch_size=patch, num_channels=in_channels, hidden_size=64,
-                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, num_labels=num_classes,
-                       attn_implementation="sdpa")
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=patch,
+        num_channels=in_channels,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        num_labels=num_classes,
+        attn_implementation="sdpa",
+    )
     return _LogitsOnly(ViTForImageClassification(config))
 
 
