@@ -3,6 +3,8 @@
   scaling-abs train [--config FILE_OR_PRESET] [key=value ...]   (also: accelerate launch -m scaling_abs train)
   scaling-abs simulate [preset=imagenet_i3 | run_dir=DIR] [--json]
   scaling-abs report RUN_DIR... [--out DIR]
+  scaling-abs convex [--iterations 1000] [--classes 7 9] [--out DIR]
+  scaling-abs compare [--config fmnist_s1] [--sizes 128 ... 32768] [--strategies ...] [--out DIR]
 
 A mistake the user can make (config, paths, data) prints one line on stderr and exits with 2;
 anything else is a bug and keeps its traceback.
@@ -71,6 +73,8 @@ COMMANDS = {
     "train": _train,
     "simulate": lambda argv: _delegate("simulate", argv),
     "report": lambda argv: _delegate("report", argv),
+    "compare": lambda argv: _delegate("compare", argv),
+    "convex": lambda argv: _delegate("convex", argv),
 }
 
 
