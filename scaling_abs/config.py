@@ -67,6 +67,12 @@ class TrainConfig:
     hessian_samples: int = _f(512, "sample budget of one curvature check (micro-batched)")
     hessian_iters: int = _f(10, "power iterations per check")
     hessian_tol: float = _f(1e-2, "relative tolerance of the power iteration")
+    hessian_micro_batch_size: int = _f(
+        0, "micro-batch of curvature checks (memory of one HVP graph); 0 = micro_batch_size"
+    )
+    hessian_reuse_graph: str = _f(
+        "auto", "keep the gradient graph across power iterations: auto (one micro-batch) | true | false"
+    )
     hessian_block: str = _f("all", "parameters of the Hessian: all | last:N (last N modules with parameters)")
     hessian_bn_mode: str = _f(
         "eval", "BatchNorm during checks: eval (paper's code) | train (buffers restored)"
@@ -134,6 +140,8 @@ def _coerce(key: str, value: Any) -> Any:
             return ""
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML reads `true` as a bool; keep the spelling the user typed
+            return "true" if value else "false"
         return str(value)
     raise AssertionError(f"unhandled config type {kind} for {key}")
 
@@ -260,6 +268,14 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     _check(cfg.hessian_samples > 0, "hessian_samples", f"must be > 0, got {cfg.hessian_samples}")
     _check(cfg.hessian_iters >= 1, "hessian_iters", f"must be >= 1, got {cfg.hessian_iters}")
     _check(cfg.hessian_tol >= 0, "hessian_tol", f"must be >= 0, got {cfg.hessian_tol}")
+    _check(
+        cfg.hessian_micro_batch_size >= 0, "hessian_micro_batch_size", "must be >= 0 (0 = micro_batch_size)"
+    )
+    _check(
+        cfg.hessian_reuse_graph in ("auto", "true", "false"),
+        "hessian_reuse_graph",
+        f"expected auto, true or false, got {cfg.hessian_reuse_graph!r}",
+    )
     block = cfg.hessian_block
     _check(
         block == "all" or (block.startswith("last:") and block[5:].isdigit() and int(block[5:]) > 0),

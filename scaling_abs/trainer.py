@@ -319,8 +319,9 @@ class Trainer:
         share = n // acc.num_processes
         idx = idx[acc.process_index * share : (acc.process_index + 1) * share]
         batches = []
-        for i in range(0, len(idx), cfg.micro_batch_size):
-            x, y = collate_batch(_fetch(self.data.train, idx[i : i + cfg.micro_batch_size]))
+        micro = cfg.hessian_micro_batch_size or cfg.micro_batch_size
+        for i in range(0, len(idx), micro):
+            x, y = collate_batch(_fetch(self.data.train, idx[i : i + micro]))
             batches.append((x.to(acc.device), y.to(acc.device)))
         return batches
 
@@ -340,6 +341,7 @@ class Trainer:
             seed=cfg.seed + self.state.checks,
             bn_mode=cfg.hessian_bn_mode,
             autocast_dtype=dtype,
+            reuse_graph={"auto": "auto", "true": True, "false": False}[cfg.hessian_reuse_graph],
         )
         before = self.schedule.at(self.epoch).batch_size
         grew = self.schedule.observe(result.eigenvalue)  # every rank sees the same all-reduced value

@@ -136,9 +136,64 @@ def test_seeded_and_does_not_touch_global_rng():
     assert a.eigenvalue == b.eigenvalue and a.eigenvalue != c.eigenvalue
 
 
+@pytest.mark.parametrize("reuse_graph", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_reused_graph_gives_the_fresh_products(reuse_graph, splits):
+    # Differentiating a kept gradient graph again is the same HVP as a new forward and backward.
+    model, (x, y) = tiny_mlp(), data(48)
+    bounds = torch.linspace(0, 48, splits + 1).long().tolist()
+    batches = [(x[a:b], y[a:b]) for a, b in zip(bounds, bounds[1:])]
+    ref = top_eigenvalue(model, cross_entropy_loss, batches, max_iter=30, tol=0, reuse_graph=False)
+    res = top_eigenvalue(model, cross_entropy_loss, batches, max_iter=30, tol=0, reuse_graph=reuse_graph)
+    assert res.eigenvalue == pytest.approx(ref.eigenvalue, rel=1e-12)
+    torch.testing.assert_close(flat(res.eigenvector), flat(ref.eigenvector), rtol=1e-10, atol=1e-12)
+    whole = top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=30, tol=0, reuse_graph=reuse_graph)
+    # cross_entropy_loss takes fp32 logits: a different split rounds differently
+    assert res.eigenvalue == pytest.approx(whole.eigenvalue, rel=1e-6)
+    trace_ref = hutchinson_trace(model, cross_entropy_loss, batches, n_samples=3, reuse_graph=False)
+    trace = hutchinson_trace(model, cross_entropy_loss, batches, n_samples=3, reuse_graph=reuse_graph)
+    assert trace.trace == pytest.approx(trace_ref.trace, rel=1e-10)
+
+
+def test_reuse_graph_auto_keeps_one_micro_batch_and_bad_values_raise():
+    model, (x, y) = tiny_mlp(), data()
+    params = list(model.parameters())
+    one = curvature.HessianOperator(model, cross_entropy_loss, [(x, y)], params)
+    two = curvature.HessianOperator(model, cross_entropy_loss, [(x[:8], y[:8]), (x[8:], y[8:])], params)
+    fwd = curvature.HessianOperator(
+        model, cross_entropy_loss, [(x, y)], params, method="forward_over_reverse", reuse_graph=True
+    )
+    assert one.reuse_graph and not two.reuse_graph and not fwd.reuse_graph
+    v = [torch.ones_like(p) for p in params]
+    first, second = flat(one(v)), flat(one(v))  # the kept graph survives repeated products
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    one.release()
+    torch.testing.assert_close(flat(one(v)), first, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reuse_graph"):
+        curvature.HessianOperator(model, cross_entropy_loss, [(x, y)], params, reuse_graph="yes")
+
+
+def test_reused_graph_under_bf16_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    full = top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=20, tol=0, reuse_graph=False)
+    half = top_eigenvalue(
+        model,
+        cross_entropy_loss,
+        [(x, y)],
+        max_iter=20,
+        tol=0,
+        reuse_graph=True,
+        autocast_dtype=torch.bfloat16,
+    )
+    assert half.finite and half.eigenvalue == pytest.approx(full.eigenvalue, rel=2e-2)
+
+
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 @pytest.mark.parametrize("method", ["auto", *METHODS])
-def test_no_side_effects(bn_mode, method):
+@pytest.mark.parametrize("reuse_graph", ["auto", True])
+def test_no_side_effects(bn_mode, method, reuse_graph):
     model = tiny_bn_cnn()
     x, y = data(16, shape=(1, 6, 6))
     model.train()
@@ -150,8 +205,10 @@ def test_no_side_effects(bn_mode, method):
     modes = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
 
-    res = top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=3, method=method, bn_mode=bn_mode)
-    hutchinson_trace(model, cross_entropy_loss, [(x, y)], n_samples=2, method=method, bn_mode=bn_mode)
+    batches = [(x[:10], y[:10]), (x[10:], y[10:])]
+    kw = {"method": method, "bn_mode": bn_mode, "reuse_graph": reuse_graph}
+    res = top_eigenvalue(model, cross_entropy_loss, batches, max_iter=3, **kw)
+    hutchinson_trace(model, cross_entropy_loss, batches, n_samples=2, **kw)
 
     assert res.finite
     assert [m.training for m in model.modules()] == modes
