@@ -467,7 +467,7 @@ def top_eigenvalue(
             autocast_dtype=autocast_dtype,
             reuse_graph=reuse_graph,
         )
-        for it in range(1, max_iter + 1):
+        for it in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
             hv = op(v)
             # sync point: the convergence test needs the value on the host
             new = float(_dot(hv, v))
