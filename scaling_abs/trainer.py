@@ -15,6 +15,7 @@ Two processes on one node: accelerate launch --multi_gpu --num_processes 2 -m sc
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import math
@@ -93,10 +94,13 @@ def _build_accelerator(cfg: TrainConfig, plan: Plan):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    cpu = not torch.cuda.is_available()
+    no_gpu = not torch.cuda.is_available()
+    # Without cpu=True torchrun's processes trained independently, silently (DESIGN pitfalls); but
+    # Accelerate turns its DeepSpeed plugin off under cpu=True (the run then is a plain one, silently),
+    # so a DeepSpeed run on a CPU machine leaves it False and lets DeepSpeed pick its CPU accelerator.
+    cpu = no_gpu and not cfg.deepspeed
     kwargs: dict[str, Any] = {"mixed_precision": cfg.mixed_precision, "cpu": cpu}
-    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without cpu=True torchrun's processes trained independently, silently (DESIGN pitfalls).
+    if no_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     if cfg.deepspeed:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=_deepspeed_config(cfg, plan))
@@ -185,11 +189,25 @@ class Trainer:
             std=d.std,
         )
         self.num_params = count_parameters(self.model)
+        # ZeRO-3 checks run on a plain copy of the model (see _curvature_model); kept before prepare
+        # partitions the parameters.
+        ds_stage = (
+            json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage")
+            if cfg.deepspeed
+            else None
+        )
+        self._blueprint = copy.deepcopy(self.model) if ds_stage == 3 else None
+        self._shadow: torch.nn.Module | None = None
         optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.engine = self.model if acc.distributed_type.name == "DEEPSPEED" else None
+        if cfg.deepspeed and self.engine is None:
+            # Accelerate drops its DeepSpeed plugin without a word in some set-ups (cpu=True did).
+            raise UserError(
+                f"deepspeed: Accelerate did not enable DeepSpeed ({acc.distributed_type.name} run)"
+            )
         self.n_train = len(d.train)
         self.order = SampleOrder(self.n_train, seed=cfg.seed)
         self.total_samples = int(math.ceil(cfg.epochs * self.n_train))
@@ -325,10 +343,30 @@ class Trainer:
             batches.append((x.to(acc.device), y.to(acc.device)))
         return batches
 
+    def _curvature_model(self) -> torch.nn.Module:
+        """The module the check differentiates. ZeRO-3 keeps only a shard of each parameter on a rank
+        and its hooks track every module call, which a second backward confuses ("Cannot free a ZeRO-3
+        parameter while it is still active"): the parameters are gathered into a plain copy of the
+        model (the whole model on every rank for the check's duration), refreshed at each check."""
+        if self.engine is None or self.engine.zero_optimization_stage() != 3:
+            return self.raw_model
+        import deepspeed
+
+        if self._shadow is None:
+            self._shadow = copy.deepcopy(self._blueprint).to(self.accelerator.device)
+        live = dict(self.raw_model.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(live.values()), modifier_rank=None), torch.no_grad():
+            for name, p in self._shadow.named_parameters():
+                p.copy_(live[name].data)
+            for name, b in self.raw_model.named_buffers():
+                self._shadow.get_buffer(name).copy_(b)
+        self._shadow.train(self.raw_model.training)
+        return self._shadow
+
     def _check(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        model = self.raw_model
+        model = self._curvature_model()
         params = curvature.resolve_block(model, cfg.hessian_block)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         result = curvature.top_eigenvalue(
@@ -548,15 +586,25 @@ class Trainer:
             "interrupted": interrupted,
             "num_params": self.num_params,
             "processes": acc.num_processes,
+            "deepspeed_zero_stage": self.engine.zero_optimization_stage()
+            if self.engine is not None
+            else None,
             "strategy": self.cfg.strategy,
             "model": self.cfg.model,
             "dataset": self.cfg.dataset,
         }
+        # Under DeepSpeed the parameters are views of flat buffers (ZeRO-1/2) or shards (ZeRO-3):
+        # Accelerate's get_state_dict gathers them, on every rank (a collective under ZeRO-3).
+        ds_state = acc.get_state_dict(self.model) if self.engine is not None and not interrupted else None
         if acc.is_main_process:
             if not interrupted:
-                from safetensors.torch import save_model
+                from safetensors.torch import save_file, save_model
 
-                save_model(self.raw_model, str(self.out / "model.safetensors"))
+                path = str(self.out / "model.safetensors")
+                if ds_state is None:
+                    save_model(self.raw_model, path)  # handles tied weights
+                else:
+                    save_file({k: v.detach().contiguous().clone() for k, v in ds_state.items()}, path)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self._metrics.close()
             if self._tb is not None:

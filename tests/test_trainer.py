@@ -220,4 +220,42 @@ def test_deepspeed_zero2_trains_like_the_plain_run(tmp_path):
         plain["max_batch_size"],
     )
     assert zero2["max_batch_size"] > 64  # the batch grew through engine.set_train_batch_size
+    assert zero2["deepspeed_zero_stage"] == 2 and plain["deepspeed_zero_stage"] is None  # really DeepSpeed
+    assert_close(w_plain, load_file(str(out / "model.safetensors")), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_processes_train_like_one_plain_process(tmp_path):
+    """ZeRO-3 partitions the parameters over 2 processes; ABSA's FGSM, curvature checks (on a gathered
+    copy) and batch growth must still give the one-process run's eigenvalues and weights."""
+    pytest.importorskip("deepspeed")
+    overrides = {
+        **BASE, "strategy": "absa", "hessian_every": 128, "kappa": 1, "micro_batch_size": 32,
+        "hessian_tol": 0.0,
+    }  # fmt: skip
+    plain, w_plain = run(tmp_path, "plain", **overrides)
+    out = tmp_path / "zero3"
+    out.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), str(ROOT / "tests" / "_dist_train_worker.py"),
+        json.dumps({**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / "zero3.json")}),
+        str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    zero3 = json.loads((out / "summary.json").read_text())
+    assert zero3["deepspeed_zero_stage"] == 3 and zero3["processes"] == 2
+    assert (zero3["updates"], zero3["samples"], zero3["max_batch_size"]) == (
+        plain["updates"],
+        plain["samples"],
+        plain["max_batch_size"],
+    )
+    assert zero3["max_batch_size"] > 64
+    eig_plain = [r["eigenvalue"] for r in read_metrics(tmp_path / "plain") if r["kind"] == "check"]
+    eig_zero3 = [r["eigenvalue"] for r in read_metrics(out) if r["kind"] == "check"]
+    assert len(eig_plain) == len(eig_zero3) > 1
+    torch.testing.assert_close(torch.tensor(eig_zero3), torch.tensor(eig_plain), rtol=1e-4, atol=0.0)
+    # model.safetensors holds the gathered weights, not the ranks' shards
     assert_close(w_plain, load_file(str(out / "model.safetensors")), rtol=1e-4)
