@@ -54,6 +54,10 @@ class TrainConfig:
     lr: float = _f(0.05, "base learning rate at batch_size")
     lr_decay: float = _f(0.2, "multiplicative LR decay at each of lr_decay_epochs (0.2 = divide by 5)")
     lr_decay_epochs: list = _f([4.0, 6.0], "epochs at which the LR decays (GG grows the batch instead)")
+    lr_schedule: str = _f("step", "base LR schedule: step (lr_decay at lr_decay_epochs) | poly")
+    lr_poly_power: float = _f(2.0, "poly: power of (1 - epoch / lr_poly_end_epoch); 2 = quadratic")
+    lr_poly_end_epoch: float = _f(0.0, "poly: epoch where the decay ends (0 = the end of training)")
+    lr_final: float = _f(0.0, "poly: the LR from lr_poly_end_epoch on")
     warmup_epochs: float = _f(5.0, "FB only: linear LR warm-up length in epochs")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "SGD weight decay")
@@ -98,6 +102,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # resolved values ------------------------------------------------------------------
+    @property
+    def resolved_lr_poly(self) -> tuple[float, float, float] | None:
+        """(end epoch, power, final factor) of the polynomial schedule, None for step decays."""
+        if self.lr_schedule != "poly":
+            return None
+        return (self.lr_poly_end_epoch or self.epochs, self.lr_poly_power, self.lr_final / self.lr)
+
     @property
     def resolved_adv_stop_epoch(self) -> float:
         """tau: the paper stops adversarial examples after half of training by default."""
@@ -211,6 +222,9 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
 
     for key in (
         "lr",
+        "lr_final",
+        "lr_poly_power",
+        "lr_poly_end_epoch",
         "momentum",
         "weight_decay",
         "epochs",
@@ -252,6 +266,13 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         "lr_decay_epochs",
         f"must be increasing and >= 0, got {cfg.lr_decay_epochs}",
     )
+    _check(
+        cfg.lr_schedule in ("step", "poly"), "lr_schedule", f"expected step or poly, got {cfg.lr_schedule!r}"
+    )
+    if cfg.lr_schedule == "poly":
+        _check(cfg.lr_poly_power > 0, "lr_poly_power", f"must be > 0, got {cfg.lr_poly_power}")
+        _check(cfg.lr_poly_end_epoch >= 0, "lr_poly_end_epoch", f"must be >= 0, got {cfg.lr_poly_end_epoch}")
+        _check(0 <= cfg.lr_final <= cfg.lr, "lr_final", f"must be in [0, lr ({cfg.lr})], got {cfg.lr_final}")
     _check(cfg.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {cfg.warmup_epochs}")
     _check(cfg.momentum >= 0, "momentum", f"must be >= 0, got {cfg.momentum}")
     _check(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")

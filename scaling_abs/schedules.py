@@ -32,6 +32,43 @@ def step_decay(epoch: float, lr_decay: float, lr_decay_epochs: Sequence[float]) 
     return lr_decay ** sum(1 for m in lr_decay_epochs if epoch >= m)
 
 
+def poly_decay(epoch: float, end_epoch: float, power: float, final: float) -> float:
+    """From 1 at epoch 0 to ``final`` at ``end_epoch`` along ``(1 - epoch / end_epoch) ** power``,
+    then ``final`` (I2: 0.01 -> 0.0001 quadratically by epoch 60 is ``(60, 2, 0.01)``).
+
+    >>> [round(poly_decay(e, 60, 2, 0.01), 4) for e in (0, 30, 60, 90)]
+    [1.0, 0.2575, 0.01, 0.01]
+    """
+    if epoch >= end_epoch:
+        return final
+    return final + (1.0 - final) * (1.0 - epoch / end_epoch) ** power
+
+
+def base_decay(
+    epoch: float,
+    lr_decay: float,
+    lr_decay_epochs: Sequence[float],
+    lr_poly: tuple[float, float, float] | None = None,
+) -> float:
+    """The base schedule's LR factor: polynomial when ``lr_poly = (end_epoch, power, final)`` is
+    given, else the step decays."""
+    if lr_poly is not None:
+        return poly_decay(epoch, *lr_poly)
+    return step_decay(epoch, lr_decay, lr_decay_epochs)
+
+
+def _check_poly(lr_poly: tuple[float, float, float] | None) -> None:
+    if lr_poly is None:
+        return
+    end, power, final = lr_poly
+    if not end > 0:
+        raise ValueError(f"lr_poly end epoch must be > 0, got {end}")
+    if not power > 0:
+        raise ValueError(f"lr_poly power must be > 0, got {power}")
+    if not 0 <= final <= 1:
+        raise ValueError(f"lr_poly final factor must be in [0, 1], got {final}")
+
+
 def _check_decay(lr_decay: float, lr_decay_epochs: Sequence[float]) -> None:
     if not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
@@ -68,13 +105,23 @@ class Schedule:
 class ConstantBatch(Schedule):
     """BL: a fixed batch and the base LR with step decays."""
 
-    def __init__(self, batch_size: int, *, lr_decay: float = 0.2, lr_decay_epochs: Sequence[float] = ()):
+    def __init__(
+        self,
+        batch_size: int,
+        *,
+        lr_decay: float = 0.2,
+        lr_decay_epochs: Sequence[float] = (),
+        lr_poly: tuple[float, float, float] | None = None,
+    ):
         _check_batch(batch_size)
         _check_decay(lr_decay, lr_decay_epochs)
+        _check_poly(lr_poly)
         self.batch_size, self.lr_decay, self.lr_decay_epochs = batch_size, lr_decay, tuple(lr_decay_epochs)
+        self.lr_poly = lr_poly
 
     def at(self, epoch: float) -> StepSettings:
-        return StepSettings(self.batch_size, step_decay(epoch, self.lr_decay, self.lr_decay_epochs), 0.0)
+        factor = base_decay(epoch, self.lr_decay, self.lr_decay_epochs, self.lr_poly)
+        return StepSettings(self.batch_size, factor, 0.0)
 
 
 class LinearScalingWarmup(Schedule):
@@ -89,9 +136,12 @@ class LinearScalingWarmup(Schedule):
         warmup_epochs: float = 5.0,
         lr_decay: float = 0.2,
         lr_decay_epochs: Sequence[float] = (),
+        lr_poly: tuple[float, float, float] | None = None,
     ):
         _check_batch(base_batch_size, batch_size)
         _check_decay(lr_decay, lr_decay_epochs)
+        _check_poly(lr_poly)
+        self.lr_poly = lr_poly
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         self.batch_size, self.base_batch_size, self.warmup_epochs = batch_size, base_batch_size, warmup_epochs
@@ -101,13 +151,16 @@ class LinearScalingWarmup(Schedule):
         k = self.batch_size / self.base_batch_size
         if self.warmup_epochs > 0 and epoch < self.warmup_epochs:
             k = 1.0 + (k - 1.0) * epoch / self.warmup_epochs
-        return StepSettings(self.batch_size, k * step_decay(epoch, self.lr_decay, self.lr_decay_epochs), 0.0)
+        factor = base_decay(epoch, self.lr_decay, self.lr_decay_epochs, self.lr_poly)
+        return StepSettings(self.batch_size, k * factor, 0.0)
 
 
 class IncreaseBatch(Schedule):
-    """GG (Smith et al. 2017): at each of BL's milestones multiply the batch by ``1 / lr_decay``
-    instead of decaying the LR, up to ``max_batch_size``. Whatever part of the factor the cap leaves
-    goes into the LR, so the noise scale ``lr * N / B`` follows BL's.
+    """GG (Smith et al. 2017): where BL would multiply the LR by a factor ``f < 1``, multiply the batch
+    by ``1 / f`` instead, up to ``max_batch_size``. The batch is kept a multiple of the initial one (so
+    it still splits over micro-batches and processes); whatever part of the factor the rounding and
+    the cap leave goes into the LR, so the noise scale ``lr * N / B`` follows BL's. With a polynomial
+    base schedule (``lr_poly``) the batch grows step by step as the polynomial falls.
 
     >>> s = IncreaseBatch(128, 4096, lr_decay=0.2, lr_decay_epochs=[5, 10, 15])
     >>> [(s.at(e).batch_size, round(s.at(e).lr_multiplier, 4)) for e in (0, 5, 10, 15)]
@@ -121,15 +174,21 @@ class IncreaseBatch(Schedule):
         *,
         lr_decay: float = 0.2,
         lr_decay_epochs: Sequence[float] = (),
+        lr_poly: tuple[float, float, float] | None = None,
     ):
         _check_batch(batch_size, max_batch_size)
         _check_decay(lr_decay, lr_decay_epochs)
+        _check_poly(lr_poly)
         self.batch_size, self.max_batch_size = batch_size, max_batch_size
-        self.lr_decay, self.lr_decay_epochs = lr_decay, tuple(lr_decay_epochs)
+        self.lr_decay, self.lr_decay_epochs, self.lr_poly = lr_decay, tuple(lr_decay_epochs), lr_poly
 
     def at(self, epoch: float) -> StepSettings:
-        wanted = self.batch_size / step_decay(epoch, self.lr_decay, self.lr_decay_epochs)
-        batch = min(int(round(wanted)), self.max_batch_size)
+        factor = base_decay(epoch, self.lr_decay, self.lr_decay_epochs, self.lr_poly)
+        if factor <= 0:  # a polynomial that ends at 0: the batch is capped, the LR goes to 0
+            return StepSettings(self.max_batch_size, 0.0, 0.0)
+        wanted = self.batch_size / factor
+        multiple = max(1, math.floor(wanted / self.batch_size + 1e-9))  # 1e-9: 128 / 0.2 is 640.0000001
+        batch = min(multiple * self.batch_size, self.max_batch_size)
         return StepSettings(batch, batch / wanted, 0.0)
 
 
@@ -165,9 +224,12 @@ class AdaptiveBatchSize(Schedule):
         lr_decay: float = 1.0,
         lr_decay_epochs: Sequence[float] = (),
         adv_stop_epoch: float | None = None,
+        lr_poly: tuple[float, float, float] | None = None,
     ):
         _check_batch(batch_size, max_batch_size)
         _check_decay(lr_decay, lr_decay_epochs)
+        _check_poly(lr_poly)
+        self.lr_poly = lr_poly
         if not alpha > 1:
             raise ValueError(f"alpha must be > 1, got {alpha}")
         if not beta > 1:
@@ -233,7 +295,9 @@ class AdaptiveBatchSize(Schedule):
         if self.adv_stop_epoch is not None and epoch >= self.adv_stop_epoch:
             adv = 0.0
         return StepSettings(
-            self.batch_size, step_decay(epoch, self.lr_decay, self.lr_decay_epochs) * self.lr_scale, adv
+            self.batch_size,
+            base_decay(epoch, self.lr_decay, self.lr_decay_epochs, self.lr_poly) * self.lr_scale,
+            adv,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -272,11 +336,13 @@ def build_schedule(
     adv_decay: float = 2.0,
     adv_stop_epoch: float | None = None,
     lr_scaling: str = "linear",
+    lr_poly: tuple[float, float, float] | None = None,
 ) -> Schedule:
     """The strategy by name. FB trains at ``max_batch_size`` with ``batch_size`` as the LR's
-    reference batch; ABS is ABSA with no adversarial examples."""
+    reference batch; ABS is ABSA with no adversarial examples. ``lr_poly`` replaces the step decays
+    with a polynomial one."""
     if strategy == "bl":
-        return ConstantBatch(batch_size, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs)
+        return ConstantBatch(batch_size, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs, lr_poly=lr_poly)
     if strategy == "fb":
         return LinearScalingWarmup(
             max_batch_size,
@@ -284,9 +350,12 @@ def build_schedule(
             warmup_epochs=warmup_epochs,
             lr_decay=lr_decay,
             lr_decay_epochs=lr_decay_epochs,
+            lr_poly=lr_poly,
         )
     if strategy == "gg":
-        return IncreaseBatch(batch_size, max_batch_size, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs)
+        return IncreaseBatch(
+            batch_size, max_batch_size, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs, lr_poly=lr_poly
+        )
     if strategy in ("abs", "absa"):
         return AdaptiveBatchSize(
             batch_size,
@@ -300,5 +369,6 @@ def build_schedule(
             lr_decay=lr_decay,
             lr_decay_epochs=lr_decay_epochs,
             adv_stop_epoch=adv_stop_epoch,
+            lr_poly=lr_poly,
         )
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

@@ -163,6 +163,7 @@ class Trainer:
             adv_decay=cfg.adv_decay,
             adv_stop_epoch=cfg.resolved_adv_stop_epoch,
             lr_scaling=cfg.lr_scaling,
+            lr_poly=cfg.resolved_lr_poly,
         )
         first = self.schedule.at(0.0)
         self.plan = make_plan(first.batch_size, cfg.micro_batch_size, world)

@@ -76,11 +76,28 @@ def test_paper_presets_follow_appendix_b():
         ("micro_batch_size=48", "batch_size"),
         ("lr_decay_epochs=[3, 1]", "lr_decay_epochs"),
         ("progress=maybe", "progress"),
+        ("lr_schedule=cosine", "lr_schedule"),
+        ("hessian_reuse_graph=sometimes", "hessian_reuse_graph"),
+        ("hessian_micro_batch_size=-1", "hessian_micro_batch_size"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}:"):
         load_config(None, [override])
+
+
+def test_poly_schedule_settings():
+    i2 = load_config("i2")  # Appendix B: 0.01 -> 1e-4 quadratically by epoch 60, then constant
+    assert i2.resolved_lr_poly == (60.0, 2.0, pytest.approx(0.01))
+    assert load_config(None, ["lr_schedule=poly"]).resolved_lr_poly == (8.0, 2.0, 0.0)  # to 0 at the end
+    assert load_config(None).resolved_lr_poly is None
+    assert load_config(None, ["hessian_reuse_graph=true"]).hessian_reuse_graph == "true"
+    for bad, key in (
+        (["lr_schedule=poly", "lr_final=1.0"], "lr_final"),
+        (["lr_schedule=poly", "lr_poly_power=0"], "lr_poly_power"),
+    ):
+        with pytest.raises(ConfigError, match=rf"^{key}:"):
+            load_config(None, bad)
 
 
 def test_missing_config_file_and_bad_yaml(tmp_path):

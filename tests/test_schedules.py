@@ -9,6 +9,7 @@ from scaling_abs.schedules import (
     LinearScalingWarmup,
     StepSettings,
     build_schedule,
+    poly_decay,
     step_decay,
 )
 
@@ -32,6 +33,36 @@ def test_step_decay():
     assert step_decay(0, 0.2, [5, 10]) == 1
     assert step_decay(5, 0.2, [5, 10]) == pytest.approx(0.2)
     assert step_decay(12, 0.2, [5, 10]) == pytest.approx(0.04)
+
+
+def test_poly_decay_is_the_i2_schedule():
+    # 0.01 -> 1e-4 quadratically by epoch 60, constant after (paper Appendix B, I2)
+    lr = [0.01 * poly_decay(e, 60, 2, 0.01) for e in (0, 15, 30, 45, 60, 75)]
+    expected = [1e-4 + (0.01 - 1e-4) * (1 - e / 60) ** 2 for e in (0, 15, 30, 45)] + [1e-4, 1e-4]
+    assert lr == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["bl", "fb", "abs", "absa"])
+def test_poly_replaces_the_step_decays(strategy):
+    kw = dict(batch_size=128, max_batch_size=1024, lr_decay=0.2, lr_decay_epochs=[5], warmup_epochs=0)
+    step = build_schedule(strategy, **kw)
+    poly = build_schedule(strategy, **kw, lr_poly=(10, 2, 0.1))
+    scale = step.at(0).lr_multiplier  # FB's linear scaling, 1 for the others
+    assert poly.at(0).lr_multiplier == pytest.approx(scale)
+    assert poly.at(5).lr_multiplier == pytest.approx(scale * (0.1 + 0.9 * 0.25))  # no step at 5
+    assert poly.at(12).lr_multiplier == pytest.approx(scale * 0.1)
+    with pytest.raises(ValueError, match="lr_poly"):
+        build_schedule(strategy, **kw, lr_poly=(0, 2, 0.1))
+
+
+def test_gg_follows_a_poly_schedule_with_multiples_of_its_batch():
+    s = build_schedule("gg", batch_size=128, max_batch_size=1024, lr_poly=(10, 2, 0.1))
+    sizes = [s.at(e).batch_size for e in (0, 2, 5, 8, 12)]
+    assert sizes == sorted(sizes) and sizes[0] == 128 and sizes[-1] == 1024
+    assert all(b % 128 == 0 for b in sizes)
+    for e in (0, 2, 5, 8, 12):  # lr / B follows BL's decayed lr / 128
+        at = s.at(e)
+        assert at.lr_multiplier / at.batch_size == pytest.approx(poly_decay(e, 10, 2, 0.1) / 128)
 
 
 @pytest.mark.parametrize("strategy", ALL)
