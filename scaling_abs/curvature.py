@@ -174,31 +174,32 @@ def _gradient_graph(model, loss_fn, batch, params, autocast_dtype) -> tuple[tupl
     return grads, scale
 
 
-def _hvp_from_graph(grads, params, vector, scale, *, retain_graph: bool):
-    """``grad(<g, v>)``: one reverse pass through the gradient's graph; fp32 results (fp64 stays)."""
-    pairs = [(g, v) for g, v in zip(grads, vector) if g is not None]
-    dot = sum((_acc(g) * v.to(_acc(g).dtype)).sum() for g, v in pairs)
-    used = [p for p, g in zip(params, grads) if g is not None]
-    hv_used = (
-        iter(torch.autograd.grad(dot, used, allow_unused=True, retain_graph=retain_graph))
-        if used
-        else iter(())
-    )
-    out_g, out_h = [], []
+def _hvp_from_graph(grads, params, vector, scale, *, retain_graph: bool) -> list[torch.Tensor]:
+    """``H v`` as the vector-Jacobian product of the gradient with ``v``: one reverse pass through the
+    gradient's graph (``grad(<g, v>)`` without building the dot product); fp32 (fp64 stays)."""
+    used = [(p, g, v) for p, g, v in zip(params, grads, vector) if g is not None]
+    hv = iter(())
+    if used:
+        hv = iter(
+            torch.autograd.grad(
+                [g for _, g, _ in used],
+                [p for p, _, _ in used],
+                grad_outputs=[v.to(g.dtype) for _, g, v in used],
+                allow_unused=True,
+                retain_graph=retain_graph,
+            )
+        )
+    out = []
     for p, g in zip(params, grads):
-        if g is None:
-            out_g.append(_zeros(p))
-            out_h.append(_zeros(p))
-            continue
-        h = next(hv_used)
-        out_g.append(_acc(g.detach()) / scale)
-        out_h.append(_zeros(p) if h is None else _acc(h) / scale)
-    return out_g, out_h
+        h = next(hv) if g is not None else None
+        out.append(_zeros(p) if h is None else _acc(h) / scale)
+    return out
 
 
 def _double_backward(model, loss_fn, batch, params, vector, autocast_dtype):
     grads, scale = _gradient_graph(model, loss_fn, batch, params, autocast_dtype)
-    return _hvp_from_graph(grads, params, vector, scale, retain_graph=False)
+    out_g = [_zeros(p) if g is None else _acc(g.detach()) / scale for p, g in zip(params, grads)]
+    return out_g, _hvp_from_graph(grads, params, vector, scale, retain_graph=False)
 
 
 class _LossModule(nn.Module):
@@ -395,7 +396,7 @@ class HessianOperator:
                 for b in self.batches
             ]
         grads, scale = self._graphs[index]
-        return _hvp_from_graph(grads, self.params, vector, scale, retain_graph=True)[1]
+        return _hvp_from_graph(grads, self.params, vector, scale, retain_graph=True)
 
     def __call__(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         total = [_zeros(p) for p in self.params]
@@ -469,12 +470,14 @@ def top_eigenvalue(
         )
         for it in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
             hv = op(v)
-            # sync point: the convergence test needs the value on the host
-            new = float(_dot(hv, v))
-            if not math.isfinite(new) or not all(torch.isfinite(h).all() for h in hv):
+            # sync point, one per iteration: the convergence test needs the Rayleigh quotient on the
+            # host; a non-finite entry of Hv makes it or the norm non-finite too.
+            new, sq = torch.stack([_dot(hv, v), _dot(hv, hv)]).tolist()
+            if not (math.isfinite(new) and math.isfinite(sq)):
                 finite = False
                 break
-            v = _normalize(hv)
+            norm = math.sqrt(sq)
+            v = [h / (norm + 1e-30) for h in hv]
             done = math.isfinite(eig) and abs(new - eig) <= tol * (abs(eig) + 1e-12)
             eig = new
             if done:
