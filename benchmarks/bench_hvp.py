@@ -21,6 +21,7 @@ Measurements (all on the same model, batch and vector, BatchNorm in eval mode as
   hvp_bf16                 hvp_double_backward under bf16 autocast (fp32 vectors)
   hvp_checkpointed         hvp_double_backward with non-reentrant activation checkpointing per block
   hvp_reused               one HVP on a kept gradient graph (what each power iteration costs when reused)
+  hvp_compiled             torch.compile of the forward-over-reverse HVP (warm-up = compilation, in warmup_s)
   eig_ours                 top_eigenvalue with its defaults (one micro-batch: the graph is reused)
   eig_ours_fresh           top_eigenvalue, reuse_graph=False (a new forward/backward every iteration)
   eig_ours_micro4          top_eigenvalue over 4 micro-batches, fresh: the memory-saving setting
@@ -68,6 +69,7 @@ MEASUREMENTS = [
     "hvp_bf16",
     "hvp_checkpointed",
     "hvp_reused",
+    "hvp_compiled",
     "eig_ours",
     "eig_ours_fresh",
     "eig_ours_micro4",
@@ -163,6 +165,22 @@ def _calls(what: str, model: nn.Module, batch, device):
             return hvp(model, cross_entropy_loss, batch, v, **hvp_kwargs[what])
 
         return one_hvp, one_hvp
+    if what == "hvp_compiled":
+        from torch.func import functional_call, grad, jvp
+
+        buffers = dict(model.named_buffers())
+        primals = {n: p.detach() for n, p in model.named_parameters()}
+        tangents = dict(zip(primals, v))
+
+        def loss_of(p):
+            return cross_entropy_loss(lambda inp: functional_call(model, {**p, **buffers}, (inp,)), batch)
+
+        compiled = torch.compile(lambda p, t: jvp(grad(loss_of), (p,), (t,))[1])
+
+        def call():
+            return list(compiled(primals, tangents).values())
+
+        return call, call
     if what == "hvp_reused":
         op = HessianOperator(model, cross_entropy_loss, [batch], params, reuse_graph=True)
         return (lambda: op(v)), (lambda: op(v))  # the warm-up builds the graph
@@ -209,7 +227,10 @@ def child(name: str, what: str, runs: int) -> dict:
         base_cuda = torch.cuda.memory_allocated()
     try:
         warm, timed = _calls(what, model, batch, device)
+        t0 = time.perf_counter()
         warm()
+        _sync(device)
+        warmup_s = time.perf_counter() - t0
     except Exception as e:  # a method that cannot run on this model is a result too
         return {"model": name, "measurement": what, "error": f"{type(e).__name__}: {str(e)[:160]}"}
     times, out = [], None
@@ -229,6 +250,7 @@ def child(name: str, what: str, runs: int) -> dict:
         "min_s": min(times),
         "max_s": max(times),
         "runs": runs,
+        "warmup_s": warmup_s,
         "peak_mem_bytes": peak,
         "value": _value(out),
         "device": device.type,
@@ -250,7 +272,13 @@ def _ratio_rows(results: list[dict]) -> list[str]:
                 t = get(m)["median_s"] / classic["median_s"]
                 mem = get(m)["peak_mem_bytes"] / max(classic["peak_mem_bytes"], 1)
                 rows.append(f"{model:9s} {m:26s} time {t:5.2f}x classic   peak memory {mem:5.2f}x classic")
-        for m in ("hvp_double_backward", "hvp_forward_over_reverse", "hvp_reused", "hvp_bf16"):
+        for m in (
+            "hvp_double_backward",
+            "hvp_forward_over_reverse",
+            "hvp_reused",
+            "hvp_compiled",
+            "hvp_bf16",
+        ):
             if step and get(m):
                 rows.append(
                     f"{model:9s} {m:26s} {get(m)['median_s'] / step['median_s']:5.2f}x one training step"

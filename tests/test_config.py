@@ -118,3 +118,13 @@ def test_batch_must_divide_over_processes():
     validate(cfg, world_size=1)
     with pytest.raises(ConfigError, match="batch_size"):
         validate(TrainConfig(batch_size=100, max_batch_size=800), world_size=3)
+
+
+def test_every_key_is_in_the_readme_table():
+    from pathlib import Path
+
+    from scaling_abs.config import FIELDS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [k for k in FIELDS if f"| `{k}` |" not in readme]
+    assert not missing, f"README's config key table lacks {missing}"
