@@ -302,11 +302,15 @@ def main() -> None:
     results = []
     for name in args.models:
         for what in args.measurements:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", name, what, "--runs", str(args.runs)],
-                capture_output=True,
-                text=True,
-            )
+            try:
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child", name, what, "--runs", str(args.runs)],
+                    capture_output=True,
+                    text=True,
+                    timeout=args.child_timeout,
+                )
+            except subprocess.TimeoutExpired:
+                proc = subprocess.CompletedProcess([], 1, "", f"timeout: over {args.child_timeout:.0f} s")
             lines = proc.stdout.strip().splitlines()
             if lines:
                 r = json.loads(lines[-1])
