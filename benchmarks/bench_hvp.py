@@ -291,6 +291,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--measurements", nargs="*", default=MEASUREMENTS, choices=MEASUREMENTS)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--child-timeout", type=float, default=1800, help="seconds per measurement")
     ap.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/bench_hvp_<device>.json)"
     )
