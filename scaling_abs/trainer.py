@@ -190,15 +190,14 @@ class Trainer:
             std=d.std,
         )
         self.num_params = count_parameters(self.model)
-        # ZeRO-3 checks run on a plain copy of the model (see _curvature_model); kept before prepare
-        # partitions the parameters.
+        # ZeRO-3 checks run on a plain copy of the model (see _curvature_model): its blueprint is
+        # taken here, before prepare partitions the parameters.
         ds_stage = (
-            json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage")
+            _deepspeed_config(cfg, self.plan).get("zero_optimization", {}).get("stage")
             if cfg.deepspeed
             else None
         )
         self._blueprint = copy.deepcopy(self.model) if ds_stage == 3 else None
-        self._shadow: torch.nn.Module | None = None
         optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -348,21 +347,21 @@ class Trainer:
         """The module the check differentiates. ZeRO-3 keeps only a shard of each parameter on a rank
         and its hooks track every module call, which a second backward confuses ("Cannot free a ZeRO-3
         parameter while it is still active"): the parameters are gathered into a plain copy of the
-        model (the whole model on every rank for the check's duration), refreshed at each check."""
-        if self.engine is None or self.engine.zero_optimization_stage() != 3:
+        model, made on the device for this check only (the blueprint waits in host memory)."""
+        if self._blueprint is None:
             return self.raw_model
         import deepspeed
 
-        if self._shadow is None:
-            self._shadow = copy.deepcopy(self._blueprint).to(self.accelerator.device)
+        plain = copy.deepcopy(self._blueprint).to(self.accelerator.device)
         live = dict(self.raw_model.named_parameters())
         with deepspeed.zero.GatheredParameters(list(live.values()), modifier_rank=None), torch.no_grad():
-            for name, p in self._shadow.named_parameters():
+            for name, p in plain.named_parameters():
                 p.copy_(live[name].data)
+        with torch.no_grad():
             for name, b in self.raw_model.named_buffers():
-                self._shadow.get_buffer(name).copy_(b)
-        self._shadow.train(self.raw_model.training)
-        return self._shadow
+                plain.get_buffer(name).copy_(b)
+        plain.train(self.raw_model.training)
+        return plain
 
     def _check(self) -> dict[str, Any]:
         cfg = self.cfg
