@@ -29,13 +29,17 @@ class Plan:
 
 
 def make_plan(global_batch: int, micro_batch_size: int, world_size: int = 1) -> Plan:
-    """Split ``global_batch`` evenly over ``world_size`` processes and micro-batches of at most
-    ``micro_batch_size``.
+    """Split ``global_batch`` evenly over ``world_size`` processes, and each process's share into the
+    fewest equal micro-batches of at most ``micro_batch_size``. A share that ``micro_batch_size`` does
+    not divide (GG's 640 with micro-batches of 512, a growth by a non-integer ``beta``) gets smaller
+    equal micro-batches, so every sample weighs the same: 640 -> 2 x 320.
 
     >>> make_plan(1024, 256, 2)
     Plan(global_batch=1024, micro=256, accumulation=2, world=2)
     >>> make_plan(128, 256, 2)
     Plan(global_batch=128, micro=64, accumulation=1, world=2)
+    >>> make_plan(640, 512, 1)
+    Plan(global_batch=640, micro=320, accumulation=2, world=1)
     """
     if global_batch <= 0 or micro_batch_size <= 0 or world_size <= 0:
         raise ValueError(
@@ -44,14 +48,10 @@ def make_plan(global_batch: int, micro_batch_size: int, world_size: int = 1) -> 
     if global_batch % world_size:
         raise ValueError(f"batch_size {global_batch} is not divisible by {world_size} processes")
     per_rank = global_batch // world_size
-    if per_rank <= micro_batch_size:
-        return Plan(global_batch, per_rank, 1, world_size)
-    if per_rank % micro_batch_size:
-        raise ValueError(
-            f"batch_size {global_batch} is not divisible by micro_batch_size x processes "
-            f"({micro_batch_size} x {world_size})"
-        )
-    return Plan(global_batch, micro_batch_size, per_rank // micro_batch_size, world_size)
+    accumulation = -(-per_rank // micro_batch_size)  # ceil: the fewest micro-batches that fit
+    while per_rank % accumulation:
+        accumulation += 1
+    return Plan(global_batch, per_rank // accumulation, accumulation, world_size)
 
 
 class SampleOrder:

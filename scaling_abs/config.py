@@ -333,20 +333,13 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         _check(os.path.isdir(cfg.data_dir), "data_dir", f"no such directory: {cfg.data_dir}")
     if cfg.resume not in ("", "auto"):
         _check(os.path.isdir(cfg.resume), "resume", f"no such checkpoint folder: {cfg.resume}")
-    # The planner splits every global batch evenly over processes: B, its growth and B_max must divide.
+    # The planner splits every global batch evenly over processes (and each share into equal
+    # micro-batches of at most micro_batch_size, whatever the share): B and B_max must divide.
     for key in ("batch_size", "max_batch_size"):
         _check(
             getattr(cfg, key) % world_size == 0,
             key,
             f"{getattr(cfg, key)} is not divisible by the {world_size} processes",
-        )
-    for key in ("batch_size", "max_batch_size"):
-        per_rank = getattr(cfg, key) // world_size
-        _check(
-            per_rank <= cfg.micro_batch_size or per_rank % cfg.micro_batch_size == 0,
-            key,
-            f"{getattr(cfg, key)} is not divisible by micro_batch_size x processes "
-            f"({cfg.micro_batch_size} x {world_size})",
         )
 
 

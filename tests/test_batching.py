@@ -11,6 +11,9 @@ from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan
         (128, 256, 2, Plan(128, 64, 1, 2)),
         (1024, 256, 2, Plan(1024, 256, 2, 2)),
         (8192, 512, 4, Plan(8192, 512, 4, 4)),
+        (640, 512, 1, Plan(640, 320, 2, 1)),  # GG's 128 x 5 with micro-batches of 512
+        (100, 64, 1, Plan(100, 50, 2, 1)),
+        (972, 256, 1, Plan(972, 243, 4, 1)),  # 128 x 1.5^5, rounded: a non-integer beta
     ],
 )
 def test_plan_splits_global_batch(batch, micro, world, expected):
@@ -20,7 +23,7 @@ def test_plan_splits_global_batch(batch, micro, world, expected):
     assert plan.micro * plan.accumulation * plan.world == batch
 
 
-@pytest.mark.parametrize("batch, micro, world", [(100, 64, 1), (96, 16, 5), (0, 16, 1)])
+@pytest.mark.parametrize("batch, micro, world", [(96, 16, 5), (0, 16, 1), (64, 0, 1)])
 def test_plan_rejects_indivisible(batch, micro, world):
     with pytest.raises(ValueError, match="batch|sizes"):
         make_plan(batch, micro, world)

@@ -73,7 +73,6 @@ def test_paper_presets_follow_appendix_b():
         ("mixed_precision=fp8", "mixed_precision"),
         ("deepspeed=/no/such/ds.json", "deepspeed"),
         ("data_dir=/no/such/dir", "data_dir"),
-        ("micro_batch_size=48", "batch_size"),
         ("lr_decay_epochs=[3, 1]", "lr_decay_epochs"),
         ("progress=maybe", "progress"),
         ("lr_schedule=cosine", "lr_schedule"),
