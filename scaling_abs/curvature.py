@@ -334,7 +334,7 @@ def hvp(
         fp32 tensors shaped like ``params``. The model is left as it was.
     """
     params = _trainable(model, params)
-    with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
+    with _checking(model, bn_mode, sdpa_math):
         return grad_and_hvp(
             model, loss_fn, batch, vector, params=params, method=method, autocast_dtype=autocast_dtype
         )[1]
@@ -410,6 +410,24 @@ class HessianOperator:
         self._graphs = None
 
 
+@contextlib.contextmanager
+def _checking(model: nn.Module, bn_mode: str, sdpa_math: bool) -> Iterator[None]:
+    """The state every curvature computation runs in: ``bn_mode``, the math attention kernel, and
+    the model's modes, buffers and the RNG restored afterwards."""
+    with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
+        yield
+
+
+@contextlib.contextmanager
+def _operator(model, loss_fn, batches, params, **kw) -> Iterator[HessianOperator]:
+    """A :class:`HessianOperator` whose kept graphs are dropped on exit, errors included."""
+    op = HessianOperator(model, loss_fn, batches, params, **kw)
+    try:
+        yield op
+    finally:
+        op.release()
+
+
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))
 
@@ -458,16 +476,8 @@ def top_eigenvalue(
     # Same start vector on every rank: drawn on the CPU from the seed, then moved.
     v = _normalize([torch.randn(p.shape, generator=gen).to(p.device, _zeros(p).dtype) for p in params])
     eig, converged, finite, it = float("nan"), False, True, 0
-    with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
-        op = HessianOperator(
-            model,
-            loss_fn,
-            batches,
-            params,
-            method=method,
-            autocast_dtype=autocast_dtype,
-            reuse_graph=reuse_graph,
-        )
+    kw = {"method": method, "autocast_dtype": autocast_dtype, "reuse_graph": reuse_graph}
+    with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:
         for it in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
             hv = op(v)
             # sync point, one per iteration: the convergence test needs the Rayleigh quotient on the
@@ -483,7 +493,6 @@ def top_eigenvalue(
             if done:
                 converged = True
                 break
-        op.release()
     if not finite:
         return EigenResult(float("nan"), v, it, False, finite=False, samples=op.samples)
     return EigenResult(eig, v, it, converged, finite=finite, samples=op.samples)
@@ -509,23 +518,14 @@ def hutchinson_trace(
     params = _trainable(model, params)
     gen = torch.Generator().manual_seed(seed)
     values = []
-    with preserved_state(model, bn_mode), _math_sdpa(sdpa_math):
-        op = HessianOperator(
-            model,
-            loss_fn,
-            batches,
-            params,
-            method=method,
-            autocast_dtype=autocast_dtype,
-            reuse_graph=reuse_graph,
-        )
+    kw = {"method": method, "autocast_dtype": autocast_dtype, "reuse_graph": reuse_graph}
+    with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:
         for _ in range(n_samples):
             v = [
                 (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, _zeros(p).dtype)
                 for p in params
             ]
             values.append(float(_dot(op(v), v)))  # sync point: one value per probe
-        op.release()
     t = torch.tensor(values, dtype=torch.float64)
     finite = bool(torch.isfinite(t).all())
     std_error = float(t.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
