@@ -50,7 +50,7 @@ class TrainConfig:
     epochs: float = _f(8.0, "training length in epochs (passes over the training samples)")
     batch_size: int = _f(128, "initial global batch size (all processes together)")
     max_batch_size: int = _f(4096, "largest global batch (B_max); FB trains at this batch")
-    micro_batch_size: int = _f(256, "per-process micro-batch bound (memory); larger batches accumulate")
+    micro_batch_size: int = _f(512, "per-process micro-batch bound (memory); larger batches accumulate")
     lr: float = _f(0.05, "base learning rate at batch_size")
     lr_decay: float = _f(0.2, "multiplicative LR decay at each of lr_decay_epochs (0.2 = divide by 5)")
     lr_decay_epochs: list = _f([4.0, 6.0], "epochs at which the LR decays (GG grows the batch instead)")
