@@ -7,6 +7,7 @@ accuracy against epochs (Figure 2), the top Hessian eigenvalue over training (Fi
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -156,14 +157,14 @@ def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
 
 def main(argv: list[str]) -> int:
     """``scaling-abs report RUN_DIR... [--out DIR]``: report.md, report.json and three PNGs."""
-    out: Path | None = None
-    dirs: list[str] = []
-    it = iter(argv)
-    for a in it:
-        if a == "--out":
-            out = Path(next(it, ""))
-        else:
-            dirs.append(a)
+    parser = argparse.ArgumentParser(
+        prog="scaling-abs report",
+        description="Tables (report.md, report.json) and figures (schedule, training, eigenvalues) from run folders.",
+    )
+    parser.add_argument("dirs", nargs="*", metavar="RUN_DIR", help="folders written by scaling-abs train")
+    parser.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/../report)")
+    args = parser.parse_args(argv)
+    dirs, out = args.dirs, args.out
     if not dirs:
         raise UserError("report: give one or more run folders")
     runs = [load_run(d) for d in dirs]

@@ -183,9 +183,20 @@ def _table(rows: list[SimRow]) -> str:
     return "\n".join(lines)
 
 
+USAGE = """usage: scaling-abs simulate [preset=imagenet_i3 | run_dir=DIR] [processes=512] [latency_us=2]
+                            [bandwidth_gbps=6] [num_params=N] [--json]
+
+The paper's wall-clock model (Appendix C): preset=imagenet_i3 rebuilds Table 3; run_dir=DIR predicts
+a real run's wall time on `processes` processes from its metrics.jsonl, against a fixed-batch run of
+the same length."""
+
+
 def main(argv: list[str]) -> int:
     """``scaling-abs simulate [preset=imagenet_i3 | run_dir=DIR] [processes=N] [latency_us=2]
     [bandwidth_gbps=6] [--json]``."""
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0
     as_json = "--json" in argv
     opts: dict[str, str] = {}
     for item in (a for a in argv if a != "--json"):

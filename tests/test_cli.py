@@ -82,3 +82,11 @@ def test_a_small_run_end_to_end(tmp_path):
     assert summary["max_batch_size"] == 256
     config = (out / "config.yaml").read_text()
     assert "strategy: absa" in config and "hessian_every: 128" in config
+
+
+@pytest.mark.parametrize("command", ["train", "simulate", "report", "convex", "compare"])
+def test_every_command_has_help(command):
+    proc = cli(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: scaling-abs {command}"), proc.stdout
+    assert proc.stderr == ""
