@@ -124,8 +124,14 @@ def write_report(out: Path, names: list[str], focus: int, base_batch: int, heade
     if not runs:
         raise UserError(f"no finished runs under {out}")
     full = [r for r in runs if r.config.get("hessian_block", "all") == "all"]
+    missing = [n for n in names if not _finished(out / n)]
+    busy = sum(float(r.summary.get("wall_time_s", 0.0)) for r in runs)
     text = (
         header
+        + f"\n{len(runs)} of {len(names)} runs finished; their wall times add up to {busy / 3600:.2f} h "
+        + "(each run's own wall_time_s; runs side by side share the machine)."
+        + (f" Not finished: {', '.join(missing)}." if missing else "")
+        + "\n"
         + "\n## Accuracy and optimizer updates (the paper's layout)\n\n"
         + report.comparison_table(full)
         + "\n\n## Every run\n\n"
@@ -161,6 +167,11 @@ def main(argv: list[str]) -> int:
         "--focus", type=int, default=0, help="batch size drawn in the figures (default: 8192 or the largest)"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write report.md and the figures from the grid's finished runs, start none",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     args = parser.parse_args(argv)
 
@@ -189,7 +200,7 @@ def main(argv: list[str]) -> int:
             print(shlex.join(commands[c.name]))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in cells if not _finished(out / c.name)]
+    todo = [] if args.report_only else [c for c in cells if not _finished(out / c.name)]
     print(
         f"compare: {len(cells)} runs, {len(cells) - len(todo)} already finished, {args.jobs} at a time -> {out}"
     )

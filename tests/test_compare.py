@@ -65,3 +65,11 @@ def test_a_tiny_grid_end_to_end_and_rerun_skips_finished_runs(tmp_path):
         assert (out / name).stat().st_size > 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "3 already finished" in again.stdout
+    assert "3 of 3 runs finished" in again.stdout
+    # --report-only tabulates what is finished and starts nothing, naming what is missing
+    (out / "abs_128" / "summary.json").unlink()
+    only = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, timeout=600)
+    assert only.returncode == 0, only.stderr[-2000:]
+    assert "0 already finished" not in only.stdout and "Not finished: abs_128." in only.stdout
+    assert not (out / "abs_128" / "summary.json").exists()
+    assert "abs_128" not in {r["run"] for r in json.loads((out / "report.json").read_text())}
