@@ -201,9 +201,10 @@ def main(argv: list[str]) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     todo = [] if args.report_only else [c for c in cells if not _finished(out / c.name)]
-    print(
-        f"compare: {len(cells)} runs, {len(cells) - len(todo)} already finished, {args.jobs} at a time -> {out}"
-    )
+    if not args.report_only:
+        print(
+            f"compare: {len(cells)} runs, {len(cells) - len(todo)} already finished, {args.jobs} at a time -> {out}"
+        )
 
     def launch(c: Cell) -> tuple[Cell, int, float]:
         rc, seconds = _run(commands[c.name], out / "logs" / f"{c.name}.log", args.threads or None)
@@ -222,7 +223,12 @@ def main(argv: list[str]) -> int:
         + (f" --threads {args.threads}" if args.threads else "")
         + "".join(f" {o}" for o in args.overrides)
         + f"` at git {_git_revision()} on {platform.node() or 'this machine'} "
-        f"({os.cpu_count()} CPUs); this invocation ran {len(todo)} runs in {time.perf_counter() - t0:.0f} s.\n"
+        f"({os.cpu_count()} CPUs); "
+        + (
+            "tabulated with --report-only (no run started).\n"
+            if args.report_only
+            else f"this invocation ran {len(todo)} runs in {time.perf_counter() - t0:.0f} s.\n"
+        )
     )
     # the runs as a user would type them (the grid runs them with this Python: sys.executable -m scaling_abs)
     (out / "commands.txt").write_text(
