@@ -120,11 +120,12 @@ def write_report(out: Path, names: list[str], focus: int, base_batch: int, heade
     """report.md / report.json and the three figures from the finished runs under ``out``."""
     from scaling_abs import report
 
-    runs = [report.load_run(out / n) for n in names if _finished(out / n)]
-    if not runs:
+    finished = [n for n in names if _finished(out / n)]
+    if not finished:
         raise UserError(f"no finished runs under {out}")
+    runs = [report.load_run(out / n) for n in finished]
     full = [r for r in runs if r.config.get("hessian_block", "all") == "all"]
-    missing = [n for n in names if not _finished(out / n)]
+    missing = [n for n in names if n not in finished]
     busy = sum(float(r.summary.get("wall_time_s", 0.0)) for r in runs)
     text = (
         header
@@ -200,8 +201,10 @@ def main(argv: list[str]) -> int:
             print(shlex.join(commands[c.name]))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    todo = [] if args.report_only else [c for c in cells if not _finished(out / c.name)]
-    if not args.report_only:
+    if args.report_only:
+        todo = []
+    else:
+        todo = [c for c in cells if not _finished(out / c.name)]
         print(
             f"compare: {len(cells)} runs, {len(cells) - len(todo)} already finished, {args.jobs} at a time -> {out}"
         )

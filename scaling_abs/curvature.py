@@ -432,8 +432,9 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))
 
 
-def _normalize(v: list[torch.Tensor]) -> list[torch.Tensor]:
-    norm = torch.sqrt(_dot(v, v))
+def _normalize(v: list[torch.Tensor], sq: float | None = None) -> list[torch.Tensor]:
+    """``v / ||v||``; ``sq``, the squared norm when the caller already has it on the host."""
+    norm = torch.sqrt(_dot(v, v)) if sq is None else math.sqrt(sq)
     return [x / (norm + 1e-30) for x in v]
 
 
@@ -486,8 +487,7 @@ def top_eigenvalue(
             if not (math.isfinite(new) and math.isfinite(sq)):
                 finite = False
                 break
-            norm = math.sqrt(sq)
-            v = [h / (norm + 1e-30) for h in hv]
+            v = _normalize(hv, sq)
             done = math.isfinite(eig) and abs(new - eig) <= tol * (abs(eig) + 1e-12)
             eig = new
             if done:

@@ -192,8 +192,7 @@ the same length."""
 
 
 def main(argv: list[str]) -> int:
-    """``scaling-abs simulate [preset=imagenet_i3 | run_dir=DIR] [processes=N] [latency_us=2]
-    [bandwidth_gbps=6] [--json]``."""
+    """``scaling-abs simulate``: the arguments are in :data:`USAGE`."""
     if "-h" in argv or "--help" in argv:
         print(USAGE)
         return 0
