@@ -77,6 +77,10 @@ class TrainConfig:
     hessian_reuse_graph: str = _f(
         "auto", "keep the gradient graph across power iterations: auto (one micro-batch) | true | false"
     )
+    hessian_solver: str = _f("power", "eigenvalue solver of a check: power (the paper's) | lanczos")
+    hessian_warm_start: bool = _f(
+        False, "start each check from the last check's eigenvector (+ a random part)"
+    )
     hessian_block: str = _f("all", "parameters of the Hessian: all | last:N (last N modules with parameters)")
     hessian_bn_mode: str = _f(
         "eval", "BatchNorm during checks: eval (paper's code) | train (buffers restored)"
@@ -302,6 +306,11 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         block == "all" or (block.startswith("last:") and block[5:].isdigit() and int(block[5:]) > 0),
         "hessian_block",
         f"expected all or last:N with N > 0, got {block!r}",
+    )
+    _check(
+        cfg.hessian_solver in ("power", "lanczos"),
+        "hessian_solver",
+        f"expected power or lanczos, got {cfg.hessian_solver!r}",
     )
     _check(
         cfg.hessian_bn_mode in ("eval", "train"),

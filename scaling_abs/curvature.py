@@ -1,4 +1,5 @@
-"""Curvature of the training loss: Hessian-vector products, the top eigenvalue, the trace.
+"""Curvature of the training loss: Hessian-vector products, the top eigenvalue (power iteration,
+the paper's, or Lanczos; from a random or a warm start), the trace.
 
 The Hessian is that of the *mean* loss over a Hessian batch given as micro-batches (each weighted
 by its size, so the answer does not depend on the split) and, with a process group, over every
@@ -64,9 +65,9 @@ class TraceResult:
 
 
 def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The ``loss_fn`` for ``(inputs, targets)`` batches, computed in fp32."""
+    """The ``loss_fn`` for ``(inputs, targets)`` batches, computed in fp32 (fp64 for an fp64 model)."""
     inputs, targets = batch
-    return F.cross_entropy(model(inputs).float(), targets)
+    return F.cross_entropy(_acc(model(inputs)), targets)
 
 
 def last_layers(model: nn.Module, n: int) -> list[nn.Parameter]:
@@ -170,7 +171,7 @@ def _gradient_graph(model, loss_fn, batch, params, autocast_dtype) -> tuple[tupl
     scale = FP16_LOSS_SCALE if autocast_dtype == torch.float16 else 1.0
     with _autocast(params, autocast_dtype):
         loss = loss_fn(model, batch)
-    grads = torch.autograd.grad(loss.float() * scale, params, create_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(_acc(loss) * scale, params, create_graph=True, allow_unused=True)
     return grads, scale
 
 
@@ -226,7 +227,7 @@ def _forward_over_reverse(model, loss_fn, batch, params, vector, autocast_dtype)
 
     def loss_of(*flat):
         with _autocast(params, autocast_dtype):
-            return functional_call(wrapper, {**fixed, **dict(zip(keys, flat))}, (batch,)).float()
+            return _acc(functional_call(wrapper, {**fixed, **dict(zip(keys, flat))}, (batch,)))
 
     primals = tuple(p.detach() for p in params)
     tangents = tuple(v.to(p.dtype) for p, v in zip(params, vector))
@@ -438,6 +439,108 @@ def _normalize(v: list[torch.Tensor], sq: float | None = None) -> list[torch.Ten
     return [x / (norm + 1e-30) for x in v]
 
 
+def _gaussian(params: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """A standard normal vector shaped like ``params``, from its own CPU generator (so the same on
+    every rank and independent of the global RNG)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen).to(p.device, _zeros(p).dtype) for p in params]
+
+
+def _check_shapes(vector: Sequence[torch.Tensor], params: Sequence[torch.Tensor], name: str) -> None:
+    if len(vector) != len(params) or any(x.shape != p.shape for x, p in zip(vector, params)):
+        raise ValueError(
+            f"{name}: expected {len(params)} tensors shaped like params, got "
+            f"{[tuple(x.shape) for x in vector][:4]}{'...' if len(vector) > 4 else ''}"
+        )
+
+
+def warm_start(
+    previous: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, seed: int, noise: float = 0.5
+) -> list[torch.Tensor]:
+    """A start vector for the next power iteration: the previous eigenvector (unit norm) plus a
+    seeded random direction of norm ``noise``. The previous vector makes the iteration start close
+    to the answer when the top direction moved little since; the random part keeps every direction
+    in play, so a new, larger eigenvalue is still found (a pure warm start can stay in the old
+    direction's neighbourhood long enough for the tolerance test to stop it there)."""
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    _check_shapes(previous, params, "previous")
+    prev = _normalize([x.detach().to(p.device, _zeros(p).dtype) for x, p in zip(previous, params)])
+    if noise == 0:
+        return prev
+    rand = _normalize(_gaussian(params, seed))
+    return [a + noise * b for a, b in zip(prev, rand)]
+
+
+def _power(op: HessianOperator, v: list[torch.Tensor], max_iter: int, tol: float):
+    """Power iteration from unit ``v``: (eigenvalue, vector, iterations, converged, finite)."""
+    eig, it = float("nan"), 0
+    for it in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
+        hv = op(v)
+        # sync point, one per iteration: the convergence test needs the Rayleigh quotient on the
+        # host; a non-finite entry of Hv makes it or the norm non-finite too.
+        new, sq = torch.stack([_dot(hv, v), _dot(hv, hv)]).tolist()
+        if not (math.isfinite(new) and math.isfinite(sq)):
+            return float("nan"), v, it, False, False
+        v = _normalize(hv, sq)
+        done = math.isfinite(eig) and abs(new - eig) <= tol * (abs(eig) + 1e-12)
+        eig = new
+        if done:
+            return eig, v, it, True, True
+    return eig, v, it, False, True
+
+
+def _lanczos(op: HessianOperator, v: list[torch.Tensor], max_iter: int, tol: float):
+    """Lanczos from unit ``v`` with full reorthogonalisation: after ``k`` products the top Ritz value
+    of the ``k``-dimensional Krylov space, which is never further from the top eigenvalue than the
+    power iteration's ``k``-th estimate and usually much closer (Chebyshev rather than geometric
+    convergence; near-equal top eigenvalues separate in a few products). Keeps ``k`` vectors shaped
+    like ``params`` (fp32). Stops like the power iteration: the relative change of the estimate
+    ``<= tol``, or after ``max_iter`` products, or when the Krylov space is exhausted (exact)."""
+    basis = [v]
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta, it = float("nan"), 0
+    y = torch.ones(1, dtype=torch.float64)
+    for it in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
+        w = op(basis[-1])
+        # full reorthogonalisation against the whole basis (classical Gram-Schmidt, twice), the
+        # first pass's coefficient on the newest vector being alpha; no host sync until the end
+        coeffs = torch.stack([_dot(w, u) for u in basis])
+        w = [x - sum(c * u[i] for c, u in zip(coeffs, basis)) for i, x in enumerate(w)]
+        again = torch.stack([_dot(w, u) for u in basis])
+        w = [x - sum(c * u[i] for c, u in zip(again, basis)) for i, x in enumerate(w)]
+        # sync point, one per iteration: alpha, beta and the Ritz values are needed on the host
+        alpha, beta_sq = torch.stack([coeffs[-1] + again[-1], _dot(w, w)]).tolist()
+        if not (math.isfinite(alpha) and math.isfinite(beta_sq)):
+            return float("nan"), basis[-1], it, False, False
+        alphas.append(alpha)
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        values, vectors = torch.linalg.eigh(t)
+        top = int(values.abs().argmax())
+        new, y = float(values[top]), vectors[:, top]
+        done = math.isfinite(theta) and abs(new - theta) <= tol * (abs(theta) + 1e-12)
+        theta = new
+        beta = math.sqrt(max(beta_sq, 0.0))
+        if done or beta <= 1e-10 * (abs(theta) + 1e-30):  # converged, or an invariant subspace
+            return theta, _ritz_vector(basis, y), it, True, True
+        if it < max_iter:
+            basis.append([x / beta for x in w])
+            betas.append(beta)
+    return theta, _ritz_vector(basis, y), it, False, True
+
+
+def _ritz_vector(basis: list[list[torch.Tensor]], y: torch.Tensor) -> list[torch.Tensor]:
+    coef = y.tolist()
+    return _normalize([sum(c * u[i] for c, u in zip(coef, basis)) for i in range(len(basis[0]))])
+
+
+SOLVERS = ("power", "lanczos")
+
+
 def top_eigenvalue(
     model: nn.Module,
     loss_fn: LossFn,
@@ -452,8 +555,10 @@ def top_eigenvalue(
     autocast_dtype: torch.dtype | None = None,
     sdpa_math: bool = True,
     reuse_graph: bool | str = "auto",
+    init: Sequence[torch.Tensor] | None = None,
+    solver: str = "power",
 ) -> EigenResult:
-    """Top (largest-magnitude) Hessian eigenvalue by power iteration.
+    """Top (largest-magnitude) Hessian eigenvalue by power iteration (or Lanczos).
 
     Args:
         batches: micro-batches whose size-weighted mean loss defines the Hessian; with a process
@@ -467,34 +572,31 @@ def top_eigenvalue(
             the vectors and Rayleigh quotients stay fp32.
         reuse_graph: keep each micro-batch's gradient graph for all iterations (see
             :class:`HessianOperator`; ``"auto"``: when this rank has one micro-batch).
+        init: the start vector (any norm, shaped like ``params``), e.g. the previous check's
+            eigenvector to warm-start from (see :func:`warm_start`); default: a random one from
+            ``seed``. It must be the same on every rank.
+        solver: ``"power"`` (the paper's) or ``"lanczos"`` (the same products, a better estimate
+            from them; keeps ``max_iter`` vectors: see :func:`_lanczos`).
     Returns:
         :class:`EigenResult`; the eigenvector is fp32 and unit-norm, shaped like ``params``.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     params = _trainable(model, params)
-    gen = torch.Generator().manual_seed(seed)
-    # Same start vector on every rank: drawn on the CPU from the seed, then moved.
-    v = _normalize([torch.randn(p.shape, generator=gen).to(p.device, _zeros(p).dtype) for p in params])
-    eig, converged, finite, it = float("nan"), False, True, 0
+    if init is None:
+        # Same start vector on every rank: drawn on the CPU from the seed, then moved.
+        v = _normalize(_gaussian(params, seed))
+    else:
+        _check_shapes(init, params, "init")
+        v = _normalize([x.detach().to(p.device, _zeros(p).dtype) for x, p in zip(init, params)])
+        if not math.isfinite(float(_dot(v, v))) or float(_dot(v, v)) == 0.0:
+            raise ValueError("init: the start vector is zero or not finite")
     kw = {"method": method, "autocast_dtype": autocast_dtype, "reuse_graph": reuse_graph}
+    run = _power if solver == "power" else _lanczos
     with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:
-        for it in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
-            hv = op(v)
-            # sync point, one per iteration: the convergence test needs the Rayleigh quotient on the
-            # host; a non-finite entry of Hv makes it or the norm non-finite too.
-            new, sq = torch.stack([_dot(hv, v), _dot(hv, hv)]).tolist()
-            if not (math.isfinite(new) and math.isfinite(sq)):
-                finite = False
-                break
-            v = _normalize(hv, sq)
-            done = math.isfinite(eig) and abs(new - eig) <= tol * (abs(eig) + 1e-12)
-            eig = new
-            if done:
-                converged = True
-                break
-    if not finite:
-        return EigenResult(float("nan"), v, it, False, finite=False, samples=op.samples)
+        eig, v, it, converged, finite = run(op, v, max_iter, tol)
     return EigenResult(eig, v, it, converged, finite=finite, samples=op.samples)
 
 

@@ -64,6 +64,30 @@ class TrainState:
         self.__dict__.update(state)
 
 
+class CurvatureState:
+    """The last finite check's eigenvector (kept on the host between checks), the start of the next
+    check's power iteration when ``hessian_warm_start`` is on. Checkpointed so a resumed run starts
+    its next check from the same vector as the uninterrupted one."""
+
+    def __init__(self) -> None:
+        self.eigenvector: list[torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        vec = None if self.eigenvector is None else [v.detach().cpu() for v in self.eigenvector]
+        return {"eigenvector": vec}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.eigenvector = state.get("eigenvector")
+
+    def start(self, params: list[torch.Tensor], *, seed: int) -> list[torch.Tensor] | None:
+        """The warm start for ``params``, or None (cold) when there is no vector of their shapes
+        (the first check, or a block that changed)."""
+        prev = self.eigenvector
+        if prev is None or [v.shape for v in prev] != [p.shape for p in params]:
+            return None
+        return curvature.warm_start(prev, params, seed=seed)
+
+
 class _Preemption:
     """SIGTERM sets a flag; the loop checkpoints at the next optimizer-step boundary and stops."""
 
@@ -214,7 +238,9 @@ class Trainer:
         self.check_every = cfg.hessian_every or self.n_train
         self.eval_every = max(1, int(round(cfg.eval_every * self.n_train)))
         self.state = TrainState(next_check=self.check_every, next_eval=self.eval_every)
-        acc.register_for_checkpointing(self.schedule, self.state)
+        self.curvature_state = CurvatureState()
+        # the order is the checkpoint's custom_checkpoint_<i>.pkl numbering: append, never reorder
+        acc.register_for_checkpointing(self.schedule, self.state, self.curvature_state)
         self._loader_iter = None
         self._metrics = None
         self._tb = None
@@ -369,6 +395,8 @@ class Trainer:
         model = self._curvature_model()
         params = curvature.resolve_block(model, cfg.hessian_block)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        seed = cfg.seed + self.state.checks
+        init = self.curvature_state.start(params, seed=seed) if cfg.hessian_warm_start else None
         result = curvature.top_eigenvalue(
             model,
             curvature.cross_entropy_loss,
@@ -376,11 +404,15 @@ class Trainer:
             params=params,
             max_iter=cfg.hessian_iters,
             tol=cfg.hessian_tol,
-            seed=cfg.seed + self.state.checks,
+            seed=seed,
             bn_mode=cfg.hessian_bn_mode,
             autocast_dtype=dtype,
             reuse_graph={"auto": "auto", "true": True, "false": False}[cfg.hessian_reuse_graph],
+            init=init,
+            solver=cfg.hessian_solver,
         )
+        if result.finite:  # a non-finite estimate leaves the schedule alone, and the start vector too
+            self.curvature_state.eigenvector = [v.detach().cpu() for v in result.eigenvector]
         before = self.schedule.at(self.epoch).batch_size
         grew = self.schedule.observe(result.eigenvalue)  # every rank sees the same all-reduced value
         after = self.schedule.at(self.epoch).batch_size
@@ -396,6 +428,8 @@ class Trainer:
             "iterations": result.iterations,
             "converged": result.converged,
             "finite": result.finite,
+            "warm_start": init is not None,
+            "solver": cfg.hessian_solver,
             "hessian_samples": self.cfg.hessian_samples,
             "block": cfg.hessian_block,
             "seconds": seconds,

@@ -78,6 +78,8 @@ def test_paper_presets_follow_appendix_b():
         ("lr_schedule=cosine", "lr_schedule"),
         ("hessian_reuse_graph=sometimes", "hessian_reuse_graph"),
         ("hessian_micro_batch_size=-1", "hessian_micro_batch_size"),
+        ("hessian_solver=arnoldi", "hessian_solver"),
+        ("hessian_warm_start=perhaps", "hessian_warm_start"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -21,6 +21,7 @@ from scaling_abs.curvature import (
     last_layers,
     resolve_block,
     top_eigenvalue,
+    warm_start,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,8 @@ def test_hvp_matches_dense_hessian(method):
     v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
     got = flat(hvp(model, cross_entropy_loss, batch, v, method=method))
     expected = dense_hessian(model, batch) @ flat(v)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    # fp64 end to end (the loss too): agreement to rounding
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -91,7 +93,8 @@ def test_block_hvp_is_the_exact_sub_block(method):
     v = [torch.ones_like(p) for p in block]
     got = flat(hvp(model, cross_entropy_loss, batch, v, params=block, method=method))
     expected = dense_hessian(model, batch, block) @ flat(v)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    # fp64 end to end (the loss too): agreement to rounding
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_top_eigenvalue_matches_dense_and_is_split_invariant():
@@ -115,6 +118,87 @@ def test_top_eigenvalue_matches_dense_and_is_split_invariant():
     torch.testing.assert_close(
         hv.double(), top * flat(whole.eigenvector).double(), rtol=0, atol=1e-3 * abs(top)
     )
+
+
+def unflat(vec: torch.Tensor, params) -> list[torch.Tensor]:
+    out, i = [], 0
+    for p in params:
+        out.append(vec[i : i + p.numel()].view_as(p).clone())
+        i += p.numel()
+    return out
+
+
+def test_warm_start_from_the_eigenvector_converges_at_once_and_still_finds_a_new_top():
+    model, batch = tiny_mlp(), data(48)
+    params = list(model.parameters())
+    values, vectors = torch.linalg.eigh(dense_hessian(model, batch))
+    order = values.abs().argsort(descending=True)
+    top, second = values[order[0]].item(), values[order[1]].item()
+    exact = unflat(vectors[:, order[0]], params)
+    # started at the answer: the second Rayleigh quotient equals the first, so it stops there
+    res = top_eigenvalue(model, cross_entropy_loss, [batch], init=[3.0 * t for t in exact], tol=1e-8)
+    assert res.converged and res.iterations == 2
+    assert res.eigenvalue == pytest.approx(top, rel=1e-10)
+    # noise=0 is the previous vector itself, normalised
+    torch.testing.assert_close(
+        flat(warm_start([3.0 * t for t in exact], params, seed=0, noise=0.0)), flat(exact)
+    )
+    # Started exactly on the second eigenvector, a pure warm start never leaves it (power iteration
+    # keeps an eigenvector); the random part brings the top one back into play.
+    stuck = unflat(vectors[:, order[1]], params)
+    pure = top_eigenvalue(model, cross_entropy_loss, [batch], init=stuck, max_iter=500, tol=1e-12)
+    assert pure.eigenvalue == pytest.approx(second, rel=1e-6)
+    init = warm_start(stuck, params, seed=3)
+    mixed = top_eigenvalue(model, cross_entropy_loss, [batch], init=init, max_iter=500, tol=1e-12)
+    assert mixed.eigenvalue == pytest.approx(top, rel=1e-4)
+
+
+def test_lanczos_matches_dense_and_beats_power_iteration_at_equal_products():
+    model, batch = tiny_mlp(), data(48)
+    hessian = dense_hessian(model, batch)
+    exact = torch.linalg.eigvalsh(hessian)
+    top = exact[exact.abs().argmax()].item()
+    assert top > 0  # then the top Ritz value is the max of the Rayleigh quotient over the Krylov space
+    res = top_eigenvalue(model, cross_entropy_loss, [batch], solver="lanczos", max_iter=60, tol=1e-12)
+    assert res.converged and res.finite and res.samples == 48
+    assert res.eigenvalue == pytest.approx(top, rel=1e-9)
+    assert flat(res.eigenvector).norm().item() == pytest.approx(1.0, rel=1e-9)
+    torch.testing.assert_close(
+        hessian @ flat(res.eigenvector), top * flat(res.eigenvector), rtol=0, atol=1e-6 * top
+    )
+    # the power iteration's k-th estimate is a Rayleigh quotient of a vector in the same k-dimensional
+    # Krylov space, so from the same start Lanczos is never further from the top
+    for k in (2, 3, 5, 8):
+        power = top_eigenvalue(model, cross_entropy_loss, [batch], max_iter=k, tol=0.0)
+        lanczos = top_eigenvalue(model, cross_entropy_loss, [batch], max_iter=k, tol=0.0, solver="lanczos")
+        assert power.iterations == lanczos.iterations == k
+        assert power.eigenvalue <= lanczos.eigenvalue <= top * (1 + 1e-12)
+    # micro-batch split and the process of reaching it do not matter
+    split = top_eigenvalue(
+        model,
+        cross_entropy_loss,
+        [(batch[0][:20], batch[1][:20]), (batch[0][20:], batch[1][20:])],
+        solver="lanczos",
+        max_iter=60,
+        tol=1e-12,
+    )
+    assert split.eigenvalue == pytest.approx(res.eigenvalue, rel=1e-9)
+
+
+def test_warm_start_and_init_reject_bad_vectors():
+    model, batch = tiny_mlp(), data()
+    params = list(model.parameters())
+    zeros = [torch.zeros_like(p) for p in params]
+    with pytest.raises(ValueError, match="init: expected 4 tensors"):
+        top_eigenvalue(model, cross_entropy_loss, [batch], init=zeros[:3])
+    with pytest.raises(ValueError, match="zero or not finite"):
+        top_eigenvalue(model, cross_entropy_loss, [batch], init=zeros)
+    with pytest.raises(ValueError, match="previous: expected"):
+        warm_start([torch.ones(2)], params, seed=0)
+    with pytest.raises(ValueError, match="noise"):
+        warm_start(zeros, params, seed=0, noise=-1.0)
+    with pytest.raises(ValueError, match="solver"):
+        top_eigenvalue(model, cross_entropy_loss, [batch], solver="arnoldi")
 
 
 def test_block_eigenvalue_matches_dense_sub_block():
@@ -263,11 +347,12 @@ def test_bf16_autocast_hvp_is_close_to_fp32():
     assert (half - full).norm() / full.norm() < 2e-2
 
 
-def test_non_finite_is_reported_not_raised():
+@pytest.mark.parametrize("solver", ["power", "lanczos"])
+def test_non_finite_is_reported_not_raised(solver):
     model = tiny_mlp()
     x, y = data()
     x[0, 0] = float("inf")
-    res = top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=3)
+    res = top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=3, solver=solver)
     assert not res.finite and not res.converged and res.eigenvalue != res.eigenvalue  # NaN
 
 
@@ -343,6 +428,11 @@ def test_two_processes_give_the_one_process_eigenvalue(tmp_path):
     assert got[0]["eigenvalue"] == got[1]["eigenvalue"]
     assert got[0]["samples"] == 40
     assert got[0]["eigenvalue"] == pytest.approx(one.eigenvalue, rel=1e-4)
+    # Lanczos keeps the ranks in step too (the same basis everywhere: all-reduced products)
+    halves = [(x[:20], y[:20]), (x[20:], y[20:])]
+    one_lanczos = top_eigenvalue(model, cross_entropy_loss, halves, max_iter=30, tol=1e-10, solver="lanczos")
+    assert got[0]["lanczos"] == got[1]["lanczos"]
+    assert got[0]["lanczos"] == pytest.approx(one_lanczos.eigenvalue, rel=1e-9)
 
 
 def test_curvature_module_exposes_contract_names():

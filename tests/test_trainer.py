@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from scaling_abs.config import load_config
-from scaling_abs.trainer import Trainer, _checkpoints, train
+from scaling_abs.trainer import CurvatureState, Trainer, _checkpoints, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small, fast, exact: fp32, a model without batch statistics, plain SGD.
@@ -94,10 +94,45 @@ def test_outputs_and_batch_growth(tmp_path):
     assert all(r["adv_fraction"] == 0 for r in steps if (r["samples"] - r["batch_size"]) / 1024 >= 0.25)
     assert any(r["adv_fraction"] == 0 for r in steps)
     assert summary["curvature_time_s"] > 0 and summary["adversarial_time_s"] > 0
+    # the paper's check: power iteration from a random start
+    assert {(c["solver"], c["warm_start"]) for c in checks} == {("power", False)}
+
+
+def test_lanczos_warm_started_checks_and_the_curvature_state(tmp_path):
+    run(
+        tmp_path,
+        "warm",
+        strategy="abs",
+        hessian_every=128,
+        kappa=1,
+        hessian_solver="lanczos",
+        hessian_warm_start=True,
+    )
+    checks = [r for r in read_metrics(tmp_path / "warm") if r["kind"] == "check"]
+    assert len(checks) >= 2 and {c["solver"] for c in checks} == {"lanczos"}
+    assert [c["warm_start"] for c in checks] == [False] + [True] * (len(checks) - 1)
+    # the saved vector round-trips; a vector of other shapes (a changed block) means a cold start
+    params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(2))]
+    state = CurvatureState()
+    assert state.start(params, seed=0) is None
+    state.eigenvector = [torch.ones(3, 2), torch.ones(2)]
+    restored = CurvatureState()
+    restored.load_state_dict(state.state_dict())
+    start = restored.start(params, seed=0)
+    assert [t.shape for t in start] == [p.shape for p in params]
+    restored.eigenvector = [torch.ones(6), torch.ones(2)]
+    assert restored.start(params, seed=0) is None
 
 
 def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypatch):
-    common = {"strategy": "abs", "hessian_every": 256, "kappa": 1, "micro_batch_size": 32}
+    # a check at step 2, before the preemption at step 3: the checkpoint carries its eigenvector
+    common = {
+        "strategy": "abs",
+        "hessian_every": 128,
+        "kappa": 1,
+        "micro_batch_size": 32,
+        "hessian_warm_start": True,
+    }
     full, w_full = run(tmp_path, "full", **common)
 
     out = tmp_path / "preempted"
@@ -124,6 +159,14 @@ def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypa
     assert_close(w_full, load_file(str(out / "model.safetensors")), rtol=1e-6)
     steps = [r["step"] for r in read_metrics(out) if r["kind"] == "step"]
     assert steps == list(range(1, full["updates"] + 1))  # no step logged twice
+    # the resumed checks warm-start from the saved vector: the same estimates, bit for bit
+    keys = ("step", "eigenvalue", "iterations", "warm_start")
+    checks = [
+        [tuple(r[k] for k in keys) for r in read_metrics(d) if r["kind"] == "check"]
+        for d in (tmp_path / "full", out)
+    ]
+    assert checks[0] == checks[1] and len(checks[0]) >= 3
+    assert [c[3] for c in checks[0]] == [False] + [True] * (len(checks[0]) - 1)
 
 
 def test_half_written_checkpoints_are_never_picked_up(tmp_path):
