@@ -69,8 +69,8 @@ class TrainConfig:
     lr_scaling: str = _f("linear", "LR rule on growth: linear | sqrt | none")
     hessian_every: int = _f(15000, "training samples between curvature checks (0 = one epoch)")
     hessian_samples: int = _f(512, "sample budget of one curvature check (micro-batched)")
-    hessian_iters: int = _f(10, "power iterations per check")
-    hessian_tol: float = _f(1e-2, "relative tolerance of the power iteration")
+    hessian_iters: int = _f(10, "most Hessian-vector products per check (power or Lanczos steps)")
+    hessian_tol: float = _f(1e-2, "stop when the estimate changes by less than this (relative)")
     hessian_micro_batch_size: int = _f(
         0, "micro-batch of curvature checks (memory of one HVP graph); 0 = micro_batch_size"
     )

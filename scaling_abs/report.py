@@ -137,16 +137,22 @@ def plot_training(runs: list[Run], path: str | Path) -> None:
 
 
 def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
-    """Figure 6: the top Hessian eigenvalue at each check (full or block, as the run's config says)."""
+    """Figure 6: the top Hessian eigenvalue at each check (full or block, solver and warm start as
+    the run's config says)."""
     plt, fig, ax = _figure(1)
     for r in runs:
         if r.checks:
             block = r.config.get("hessian_block", "all")
+            how = [f"{'full' if block == 'all' else block} Hessian"]
+            if r.config.get("hessian_solver", "power") != "power":
+                how.append(r.config["hessian_solver"])
+            if r.config.get("hessian_warm_start"):
+                how.append("warm start")
             ax.plot(
                 [c["epoch"] for c in r.checks],
                 [c["eigenvalue"] for c in r.checks],
                 marker=".",
-                label=f"{r.label}, {'full' if block == 'all' else block} Hessian",
+                label=", ".join([r.label, *how]),
             )
     ax.set(xlabel="epoch", ylabel="top eigenvalue", yscale="log", title="top Hessian eigenvalue")
     ax.legend(fontsize=8)

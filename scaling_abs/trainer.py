@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,13 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world_size=world)
+        if cfg.hessian_warm_start and cfg.hessian_solver == "power":
+            warnings.warn(
+                "hessian_warm_start with hessian_solver=power can stop on the previous top direction "
+                "well below the eigenvalue (measured: 34 % low once); use hessian_solver=lanczos",
+                UserWarning,
+                stacklevel=2,
+            )
         self.schedule = build_schedule(
             cfg.strategy,
             batch_size=cfg.batch_size,

@@ -111,6 +111,10 @@ def test_lanczos_warm_started_checks_and_the_curvature_state(tmp_path):
     checks = [r for r in read_metrics(tmp_path / "warm") if r["kind"] == "check"]
     assert len(checks) >= 2 and {c["solver"] for c in checks} == {"lanczos"}
     assert [c["warm_start"] for c in checks] == [False] + [True] * (len(checks) - 1)
+    # warm-started power iteration is allowed, with a warning (it can stop on an old direction)
+    cfg = load_config(None, {**BASE, "output_dir": str(tmp_path / "p"), "hessian_warm_start": True})
+    with pytest.warns(UserWarning, match="use hessian_solver=lanczos"):
+        Trainer(cfg).close()
     # the saved vector round-trips; a vector of other shapes (a changed block) means a cold start
     params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(2))]
     state = CurvatureState()
@@ -131,6 +135,7 @@ def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypa
         "hessian_every": 128,
         "kappa": 1,
         "micro_batch_size": 32,
+        "hessian_solver": "lanczos",
         "hessian_warm_start": True,
     }
     full, w_full = run(tmp_path, "full", **common)
