@@ -41,6 +41,8 @@ from scaling_abs.models import build_model, count_parameters, model_default_augm
 from scaling_abs.schedules import build_schedule
 
 CHECKPOINT_PREFIX = "step_"
+# Accelerate names registered objects' files by their order: schedule, TrainState, CurvatureState
+CURVATURE_STATE_FILE = "custom_checkpoint_2.pkl"
 
 
 @dataclass
@@ -67,7 +69,7 @@ class TrainState:
 
 class CurvatureState:
     """The last finite check's eigenvector (kept on the host between checks), the start of the next
-    check's power iteration when ``hessian_warm_start`` is on. Checkpointed so a resumed run starts
+    check's eigenvalue estimate when ``hessian_warm_start`` is on. Checkpointed so a resumed run starts
     its next check from the same vector as the uninterrupted one."""
 
     def __init__(self) -> None:
@@ -247,7 +249,8 @@ class Trainer:
         self.eval_every = max(1, int(round(cfg.eval_every * self.n_train)))
         self.state = TrainState(next_check=self.check_every, next_eval=self.eval_every)
         self.curvature_state = CurvatureState()
-        # the order is the checkpoint's custom_checkpoint_<i>.pkl numbering: append, never reorder
+        # the order is the checkpoint's custom_checkpoint_<i>.pkl numbering (CURVATURE_STATE_FILE):
+        # append, never reorder
         acc.register_for_checkpointing(self.schedule, self.state, self.curvature_state)
         self._loader_iter = None
         self._metrics = None
@@ -505,6 +508,11 @@ class Trainer:
             path = Path(cfg.resume)
             if not (path / "trainer_state.json").exists():
                 raise UserError(f"resume: {path} is not a complete scaling_abs checkpoint")
+        if not (path / CURVATURE_STATE_FILE).exists():
+            raise UserError(
+                f"resume: {path} was written by an older scaling_abs (no {CURVATURE_STATE_FILE}); "
+                "finish that run with the version that started it, or start afresh"
+            )
         self.accelerator.load_state(str(path))
         return path
 

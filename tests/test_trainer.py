@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from scaling_abs.config import load_config
-from scaling_abs.trainer import CurvatureState, Trainer, _checkpoints, train
+from scaling_abs.errors import UserError
+from scaling_abs.trainer import CURVATURE_STATE_FILE, CurvatureState, Trainer, _checkpoints, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small, fast, exact: fp32, a model without batch statistics, plain SGD.
@@ -172,6 +173,11 @@ def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypa
     ]
     assert checks[0] == checks[1] and len(checks[0]) >= 3
     assert [c[3] for c in checks[0]] == [False] + [True] * (len(checks[0]) - 1)
+    # a checkpoint without the curvature state (an older scaling_abs wrote it): one clear error
+    old = _checkpoints(out)[-1]
+    (old / CURVATURE_STATE_FILE).unlink()
+    with pytest.raises(UserError, match="older scaling_abs"):
+        train(load_config(None, {**BASE, **common, "output_dir": str(out), "resume": str(old)}))
 
 
 def test_half_written_checkpoints_are_never_picked_up(tmp_path):
