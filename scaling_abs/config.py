@@ -222,6 +222,7 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     """Check values and their consistency; raise ConfigError naming the key. No file system access
     except for ``deepspeed`` and an explicit ``data_dir`` (both must exist)."""
     from scaling_abs import models  # registry names; cheap import
+    from scaling_abs.curvature import SOLVERS
     from scaling_abs.data import DATASETS
 
     for key in (
@@ -308,9 +309,9 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         f"expected all or last:N with N > 0, got {block!r}",
     )
     _check(
-        cfg.hessian_solver in ("power", "lanczos"),
+        cfg.hessian_solver in SOLVERS,
         "hessian_solver",
-        f"expected power or lanczos, got {cfg.hessian_solver!r}",
+        f"expected {' or '.join(SOLVERS)}, got {cfg.hessian_solver!r}",
     )
     _check(
         cfg.hessian_bn_mode in ("eval", "train"),

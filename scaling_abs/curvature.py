@@ -603,9 +603,11 @@ def top_eigenvalue(
         v = _normalize(_gaussian(params, seed))
     else:
         _check_shapes(init, params, "init")
-        v = _normalize([x.detach().to(p.device, _zeros(p).dtype) for x, p in zip(init, params)])
-        if not math.isfinite(float(_dot(v, v))) or float(_dot(v, v)) == 0.0:
+        v = [x.detach().to(p.device, _zeros(p).dtype) for x, p in zip(init, params)]
+        sq = float(_dot(v, v))  # sync point, once: the start vector's norm
+        if not math.isfinite(sq) or sq == 0.0:
             raise ValueError("init: the start vector is zero or not finite")
+        v = _normalize(v, sq)
     kw = {"method": method, "autocast_dtype": autocast_dtype, "reuse_graph": reuse_graph}
     run = _power if solver == "power" else _lanczos
     with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:

@@ -76,8 +76,7 @@ class CurvatureState:
         self.eigenvector: list[torch.Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        vec = None if self.eigenvector is None else [v.detach().cpu() for v in self.eigenvector]
-        return {"eigenvector": vec}
+        return {"eigenvector": self.eigenvector}  # already host tensors (set by Trainer._check)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.eigenvector = state.get("eigenvector")
