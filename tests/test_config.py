@@ -51,6 +51,14 @@ def test_paper_presets_follow_appendix_b():
         )
 
 
+@pytest.mark.parametrize("preset", ["c1", "c2", "c3", "c4", "i1", "i2", "i3"])
+def test_paper_presets_check_once_per_epoch(preset):
+    # Section 4: the power iteration runs at the end of every epoch (SVHN alone: every 65536 samples).
+    # The field's own default (15000 samples) is the embedded default's; a preset must not inherit it:
+    # on ImageNet that would be 85 checks of 4096 images per epoch.
+    assert load_config(preset).hessian_every == 0
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
