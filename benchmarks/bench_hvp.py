@@ -5,6 +5,7 @@ differentiated again every iteration) and against the ``pyhessian`` package itse
 
     .venv/bin/python benchmarks/bench_hvp.py                          # every model, 3 runs each
     .venv/bin/python benchmarks/bench_hvp.py --models c1 --runs 3     # ResNet-18, 128 images 3x32x32
+    .venv/bin/python benchmarks/bench_hvp.py --models c1 --batch 1024 # another batch for every model
 
 What is timed: ``time.perf_counter`` around each call (``torch.cuda.synchronize`` on a GPU); one
 warm-up call first, excluded (for the eigenvalue estimates the warm-up is a 1-iteration estimate);
@@ -28,6 +29,8 @@ Measurements (all on the same model, batch and vector, BatchNorm in eval mode as
   eig_ours_micro4          top_eigenvalue over 4 micro-batches, fresh: the memory-saving setting
   eig_ours_lanczos         top_eigenvalue, solver="lanczos": the same 10 products plus reorthogonalisation
                            (its value is the top Ritz value, so it differs from the power iteration's)
+  eig_ours_bf16            top_eigenvalue under bf16 autocast (fp32 vectors and reductions), graph reused
+  eig_ours_checkpointed    top_eigenvalue with every block checkpointed (non-reentrant), graph reused
   eig_classic              PyHessian's algorithm, written here (one graph, differentiated 10 times)
   eig_pyhessian            the pyhessian package (pip install pyhessian), when installed
 """
@@ -77,6 +80,8 @@ MEASUREMENTS = [
     "eig_ours_fresh",
     "eig_ours_micro4",
     "eig_ours_lanczos",
+    "eig_ours_bf16",
+    "eig_ours_checkpointed",
     "eig_classic",
     "eig_pyhessian",
 ]
@@ -125,8 +130,9 @@ def checkpoint_blocks(model: nn.Module) -> int:
     return count
 
 
-def _build(name: str, device: torch.device):
-    classes, channels, size, batch = MODELS[name]
+def _build(name: str, device: torch.device, batch: int = 0):
+    classes, channels, size, default_batch = MODELS[name]
+    batch = batch or default_batch
     torch.manual_seed(0)
     model = build_model(name, num_classes=classes, in_channels=channels, image_size=size).to(device)
     g = torch.Generator().manual_seed(1)
@@ -196,6 +202,12 @@ def _calls(what: str, model: nn.Module, batch, device):
         return eig(1, batches=micro4, reuse_graph=False), eig(ITERS, batches=micro4, reuse_graph=False)
     if what == "eig_ours_lanczos":
         return eig(1, solver="lanczos"), eig(ITERS, solver="lanczos")
+    if what == "eig_ours_bf16":
+        return eig(1, autocast_dtype=torch.bfloat16), eig(ITERS, autocast_dtype=torch.bfloat16)
+    if what == "eig_ours_checkpointed":
+        if checkpoint_blocks(model) == 0:
+            raise RuntimeError("no blocks to checkpoint in this model")
+        return eig(1, reuse_graph=True), eig(ITERS, reuse_graph=True)
     if what == "eig_classic":
         return (lambda: classic_top_eigenvalue(model, batch, 1)), (
             lambda: classic_top_eigenvalue(model, batch)
@@ -223,10 +235,10 @@ def _value(out) -> float | None:
     return None
 
 
-def child(name: str, what: str, runs: int) -> dict:
+def child(name: str, what: str, runs: int, batch_size: int = 0) -> dict:
     """One measurement in this process: timings and peak memory above the post-build baseline."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, batch = _build(name, device)
+    model, batch = _build(name, device, batch_size)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -252,6 +264,7 @@ def child(name: str, what: str, runs: int) -> dict:
     return {
         "model": name,
         "measurement": what,
+        "batch": len(batch[1]),
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
@@ -272,12 +285,23 @@ def _ratio_rows(results: list[dict]) -> list[str]:
         def get(m, model=model):
             return by.get((model, m))
 
-        classic, step = get("eig_classic"), get("train_step")
-        for m in ("eig_ours", "eig_ours_fresh", "eig_ours_micro4", "eig_ours_lanczos", "eig_pyhessian"):
+        classic, step, fp32 = get("eig_classic"), get("train_step"), get("eig_ours")
+        for m in (
+            "eig_ours",
+            "eig_ours_fresh",
+            "eig_ours_micro4",
+            "eig_ours_lanczos",
+            "eig_ours_bf16",
+            "eig_ours_checkpointed",
+            "eig_pyhessian",
+        ):
             if classic and get(m):
                 t = get(m)["median_s"] / classic["median_s"]
                 mem = get(m)["peak_mem_bytes"] / max(classic["peak_mem_bytes"], 1)
-                rows.append(f"{model:9s} {m:26s} time {t:5.2f}x classic   peak memory {mem:5.2f}x classic")
+                row = f"{model:9s} {m:26s} time {t:5.2f}x classic   peak memory {mem:5.2f}x classic"
+                if m in ("eig_ours_bf16", "eig_ours_checkpointed") and fp32 and fp32.get("value"):
+                    row += f"   eigenvalue {get(m)['value'] / fp32['value'] - 1:+.2%} vs fp32"
+                rows.append(row)
         for m in (
             "hvp_double_backward",
             "hvp_forward_over_reverse",
@@ -289,6 +313,16 @@ def _ratio_rows(results: list[dict]) -> list[str]:
                 rows.append(
                     f"{model:9s} {m:26s} {get(m)['median_s'] / step['median_s']:5.2f}x one training step"
                 )
+        for m in (
+            "hvp_double_backward",
+            "hvp_reused",
+            "hvp_checkpointed",
+            "hvp_bf16",
+            "eig_ours_checkpointed",
+        ):
+            if step and get(m):
+                mem = get(m)["peak_mem_bytes"] / max(step["peak_mem_bytes"], 1)
+                rows.append(f"{model:9s} {m:26s} peak memory {mem:5.2f}x one training step")
     return rows
 
 
@@ -297,6 +331,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--measurements", nargs="*", default=MEASUREMENTS, choices=MEASUREMENTS)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=0, help="batch size for every model (0 = each one's own)")
     ap.add_argument("--child-timeout", type=float, default=1800, help="seconds per measurement")
     ap.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/bench_hvp_<device>.json)"
@@ -304,14 +339,15 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MEASUREMENT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.runs)))
+        print(json.dumps(child(*args.child, args.runs, args.batch)))
         return
     results = []
     for name in args.models:
         for what in args.measurements:
             try:
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--child", name, what, "--runs", str(args.runs)],
+                    [sys.executable, __file__, "--child", name, what, "--runs", str(args.runs)]
+                    + ["--batch", str(args.batch)],
                     capture_output=True,
                     text=True,
                     timeout=args.child_timeout,
@@ -347,6 +383,7 @@ def main() -> None:
         "git_revision": rev,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "runs": args.runs,
+        "batch": args.batch or "each model's own",
         "iterations": ITERS,
     }
     device = "cuda" if meta["cuda"] else "cpu"

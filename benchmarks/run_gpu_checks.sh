@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The curvature checks that need a CUDA GPU (issue 5), as one command, most important first:
+#   1. bench_hvp_accuracy.py: every HVP path against fp64 (fp32 with TF32 on and off, bf16, fp16)
+#   2. bench_hvp.py on ResNet-18, 128 images 3x32x32 (the issue's setting), every measurement
+#   3. the c1 preset (ResNet-18, one check of 4096 images per epoch) trained on Fashion-MNIST for
+#      EPOCHS epochs, fp32 and bf16: the curvature share of wall time in a real run
+#   4. bench_hvp.py on the other models, and ResNet-18 at a Hessian batch of 1024
+# Everything lands in $OUT (default benchmarks/results/gpu) and, after each stage, in
+# $OUT/gpu_results.tar.gz. A failed stage does not stop the next one.
+#
+#   OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/run_gpu_checks.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu}
+PY=${PY:-python3}
+EPOCHS=${EPOCHS:-3}
+FMNIST_DIR=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT/gpu"
+R=$OUT/gpu
+
+pack() { tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" gpu; }
+stage() { echo "=== $(date +%T) $*"; }
+
+stage machine
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c 'import torch, torchvision, accelerate; print(torch.__version__, torchvision.__version__, accelerate.__version__)'
+  $PY -c 'import pyhessian' 2>&1 | tail -1; } | tee "$R/machine.txt"
+pack
+
+stage accuracy
+$PY benchmarks/bench_hvp_accuracy.py --models c1 vit_tiny cnn --out "$R/bench_hvp_accuracy_cuda.json" 2>&1 \
+  | grep -v -i warning | tee "$R/accuracy.log"
+pack
+
+stage bench_hvp c1 128
+$PY benchmarks/bench_hvp.py --models c1 --runs 5 --child-timeout 120 --out "$R/bench_hvp_cuda_c1.json" \
+  --measurements train_step hvp_double_backward hvp_forward_over_reverse hvp_bf16 hvp_checkpointed \
+  hvp_reused eig_ours eig_ours_fresh eig_ours_micro4 eig_ours_lanczos eig_ours_bf16 eig_ours_checkpointed \
+  eig_classic eig_pyhessian 2>&1 | grep -v -i warning | tee "$R/bench_c1.log"
+pack
+
+for mp in no bf16; do
+  stage "train c1 preset on fashion_mnist, mixed_precision=$mp"
+  rm -rf "/tmp/c1_$mp"
+  $PY -m scaling_abs train --config c1 dataset=fashion_mnist "data_dir=$FMNIST_DIR" "epochs=$EPOCHS" \
+    "mixed_precision=$mp" "output_dir=/tmp/c1_$mp" 2>&1 | grep -v -i warning | tail -12 | tee "$R/train_c1_$mp.log"
+  cp "/tmp/c1_$mp/summary.json" "$R/train_c1_${mp}_summary.json"
+  cp "/tmp/c1_$mp/metrics.jsonl" "$R/train_c1_${mp}_metrics.jsonl"
+  pack
+done
+
+stage bench_hvp other models
+$PY benchmarks/bench_hvp.py --models mlp cnn vit_tiny --runs 5 --child-timeout 60 --out "$R/bench_hvp_cuda_small.json" \
+  --measurements train_step hvp_double_backward hvp_forward_over_reverse hvp_reused hvp_bf16 hvp_checkpointed \
+  eig_ours eig_ours_bf16 eig_classic 2>&1 | grep -v -i warning | tee "$R/bench_small.log"
+pack
+
+stage bench_hvp c1 1024
+$PY benchmarks/bench_hvp.py --models c1 --batch 1024 --runs 3 --child-timeout 120 --out "$R/bench_hvp_cuda_c1_1024.json" \
+  --measurements train_step hvp_reused hvp_checkpointed hvp_bf16 eig_ours eig_ours_bf16 eig_ours_checkpointed \
+  eig_classic hvp_compiled 2>&1 | grep -v -i warning | tee "$R/bench_c1_1024.log"
+pack
+stage done
