@@ -100,9 +100,12 @@ def measure(name: str, device: torch.device) -> list[dict]:
     settings = [("default", None)] if device.type != "cuda" else [("tf32 default", True), ("tf32 off", False)]
     rows = []
     for label, tf32 in settings:
-        ctx = _tf32(tf32) if tf32 is not None else contextlib.nullcontext()
+
+        def ctx(tf32=tf32):  # a fresh context manager for every use
+            return _tf32(tf32) if tf32 is not None else contextlib.nullcontext()
+
         for row in (*FP32_ROWS, "bf16", "fp16") if label != "tf32 off" else FP32_ROWS:
-            with ctx:
+            with ctx():
                 try:
                     out = _product(row, model, batch, v)
                     rows.append({"model": name, "setting": label, "row": row, "rel_error": _rel(out, ref)})
@@ -116,7 +119,7 @@ def measure(name: str, device: torch.device) -> list[dict]:
                         }
                     )
         for dtype, tag in ((None, "eig_fp32"), (torch.bfloat16, "eig_bf16")):
-            with ctx:
+            with ctx():
                 r = top_eigenvalue(
                     model, cross_entropy_loss, [batch], max_iter=10, tol=0.0, seed=0, autocast_dtype=dtype
                 )
