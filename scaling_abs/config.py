@@ -123,6 +123,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
+# The words a string key's YAML bool stands for: `mixed_precision: no` (Accelerate's spelling) is False.
+_BOOL_WORDS = {"mixed_precision": ("no", "yes")}
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
     kind = _TYPES[key]
@@ -155,8 +159,8 @@ def _coerce(key: str, value: Any) -> Any:
             return ""
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        if isinstance(value, bool):  # YAML reads `true` as a bool; keep the spelling the user typed
-            return "true" if value else "false"
+        if isinstance(value, bool):  # YAML 1.1 reads unquoted true/false/yes/no as bools
+            return _BOOL_WORDS.get(key, ("false", "true"))[value]
         return str(value)
     raise AssertionError(f"unhandled config type {kind} for {key}")
 
@@ -189,10 +193,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
+        key = key.strip()
+        if key in _TYPES and _TYPES[key] is str:  # a string key keeps what was typed (`no` stays "no")
+            out[key] = raw
+            continue
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+            out[key] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            out[key] = raw
     return out
 
 

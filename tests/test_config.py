@@ -137,3 +137,23 @@ def test_every_key_is_in_the_readme_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [k for k in FIELDS if f"| `{k}` |" not in readme]
     assert not missing, f"README's config key table lacks {missing}"
+
+
+def test_mixed_precision_no_from_the_command_line():
+    # YAML 1.1 reads an unquoted `no` as False; the key must still mean "no mixed precision".
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_config(None, {"mixed_precision": False}).mixed_precision == "no"
+
+
+def test_mixed_precision_no_in_a_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("mixed_precision: no\nhessian_reuse_graph: true\noutput_dir: runs/x\n")
+    cfg = load_config(str(path))
+    assert (cfg.mixed_precision, cfg.hessian_reuse_graph) == ("no", "true")
+
+
+def test_string_overrides_keep_the_typed_text():
+    cfg = load_config(None, ["hessian_reuse_graph=false", "hessian_block=last:2", "mixed_precision=bf16"])
+    assert (cfg.hessian_reuse_graph, cfg.hessian_block, cfg.mixed_precision) == ("false", "last:2", "bf16")
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(None, ["mixed_precision=yes"])
