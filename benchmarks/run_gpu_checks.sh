@@ -30,21 +30,21 @@ pack
 
 stage accuracy
 $PY benchmarks/bench_hvp_accuracy.py --models c1 vit_tiny cnn --out "$R/bench_hvp_accuracy_cuda.json" 2>&1 \
-  | grep -v -i warning | tee "$R/accuracy.log"
+  | grep --line-buffered -v -i warning | tee "$R/accuracy.log"
 pack
 
 stage bench_hvp c1 128
 $PY benchmarks/bench_hvp.py --models c1 --runs 5 --child-timeout 120 --out "$R/bench_hvp_cuda_c1.json" \
   --measurements train_step hvp_double_backward hvp_forward_over_reverse hvp_bf16 hvp_checkpointed \
   hvp_reused eig_ours eig_ours_fresh eig_ours_micro4 eig_ours_lanczos eig_ours_bf16 eig_ours_checkpointed \
-  eig_classic eig_pyhessian 2>&1 | grep -v -i warning | tee "$R/bench_c1.log"
+  eig_classic eig_pyhessian 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_c1.log"
 pack
 
 for mp in no bf16; do
   stage "train c1 preset on fashion_mnist, mixed_precision=$mp"
   rm -rf "/tmp/c1_$mp"
   $PY -m scaling_abs train --config c1 dataset=fashion_mnist "data_dir=$FMNIST_DIR" "epochs=$EPOCHS" \
-    "mixed_precision=$mp" "output_dir=/tmp/c1_$mp" 2>&1 | grep -v -i warning | tail -12 | tee "$R/train_c1_$mp.log"
+    "mixed_precision=$mp" "output_dir=/tmp/c1_$mp" 2>&1 | grep --line-buffered -v -i warning | tail -12 | tee "$R/train_c1_$mp.log"
   cp "/tmp/c1_$mp/summary.json" "$R/train_c1_${mp}_summary.json"
   cp "/tmp/c1_$mp/metrics.jsonl" "$R/train_c1_${mp}_metrics.jsonl"
   pack
@@ -53,12 +53,12 @@ done
 stage bench_hvp other models
 $PY benchmarks/bench_hvp.py --models mlp cnn vit_tiny --runs 5 --child-timeout 60 --out "$R/bench_hvp_cuda_small.json" \
   --measurements train_step hvp_double_backward hvp_forward_over_reverse hvp_reused hvp_bf16 hvp_checkpointed \
-  eig_ours eig_ours_bf16 eig_classic 2>&1 | grep -v -i warning | tee "$R/bench_small.log"
+  eig_ours eig_ours_bf16 eig_classic 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_small.log"
 pack
 
 stage bench_hvp c1 1024
 $PY benchmarks/bench_hvp.py --models c1 --batch 1024 --runs 3 --child-timeout 120 --out "$R/bench_hvp_cuda_c1_1024.json" \
   --measurements train_step hvp_reused hvp_checkpointed hvp_bf16 eig_ours eig_ours_bf16 eig_ours_checkpointed \
-  eig_classic hvp_compiled 2>&1 | grep -v -i warning | tee "$R/bench_c1_1024.log"
+  eig_classic hvp_compiled 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_c1_1024.log"
 pack
 stage done
