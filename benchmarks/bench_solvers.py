@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from run_record import run_record  # noqa: E402
 
 from scaling_abs import curvature  # noqa: E402
 from scaling_abs.config import load_config, parse_overrides  # noqa: E402
@@ -143,24 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         summary = trainer.fit()
     finally:
         trainer.close()
-    result = {
-        "command": "benchmarks/bench_solvers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": {k: overrides[k] for k in sorted(overrides)},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "git": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-            ).stdout.strip(),
-        },
-        "training": {
-            k: summary[k] for k in ("test_accuracy", "updates", "max_batch_size", "curvature_checks")
-        },
-        "summary": summarize(trainer.rows),
-        "checks": trainer.rows,
-    }
+    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
+    result = run_record(f"benchmarks/bench_solvers.py {argv_text}", overrides, summary)
+    result.update({"summary": summarize(trainer.rows), "checks": trainer.rows})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     n = len(trainer.rows)

@@ -8,8 +8,16 @@
 # Everything lands in $OUT (default benchmarks/results/gpu) and, after each stage, in
 # $OUT/gpu_results.tar.gz. A failed stage does not stop the next one.
 #
-#   OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/run_gpu_checks.sh
+#   OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/gpu_checks.sh
 set -u
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+if ! command -v nvidia-smi > /dev/null; then
+  echo "gpu_checks.sh: no nvidia-smi here; these checks need a CUDA GPU (see --help)" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 PY=${PY:-python3}
