@@ -351,6 +351,8 @@ class HessianOperator:
     ``"auto"`` reuses when this rank's Hessian batch is one micro-batch: its graph is as large as
     the one a fresh HVP builds anyway, so the peak memory does not change. Reuse is double backward
     (a graph to differentiate again); ``method="forward_over_reverse"`` turns it off.
+    ``sdpa_math``: products run with the math attention kernel (flash and memory-efficient attention
+    have no double backward), also when the operator is used directly.
     """
 
     def __init__(
@@ -363,12 +365,13 @@ class HessianOperator:
         method: str = "auto",
         autocast_dtype: torch.dtype | None = None,
         reuse_graph: bool | str = "auto",
+        sdpa_math: bool = True,
     ):
         if reuse_graph not in (True, False, "auto"):
             raise ValueError(f"reuse_graph must be True, False or 'auto', got {reuse_graph!r}")
         self.model, self.loss_fn, self.params = model, loss_fn, list(params)
         self.batches = list(batches)
-        self.method, self.autocast_dtype = method, autocast_dtype
+        self.method, self.autocast_dtype, self.sdpa_math = method, autocast_dtype, sdpa_math
         sizes = [_batch_size(b) for b in self.batches]
         self.samples = int(distributed.all_reduce_sum(float(sum(sizes))))
         if self.samples == 0:
@@ -401,9 +404,10 @@ class HessianOperator:
 
     def __call__(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         total = [_zeros(p) for p in self.params]
-        for i, w in enumerate(self.weights):
-            for t, x in zip(total, self._hvp(i, vector)):
-                t.add_(x, alpha=w)
+        with _math_sdpa(self.sdpa_math):  # also when used directly, not only under top_eigenvalue
+            for i, w in enumerate(self.weights):
+                for t, x in zip(total, self._hvp(i, vector)):
+                    t.add_(x, alpha=w)
         return distributed.all_reduce_sum_(total)
 
     def release(self) -> None:
@@ -608,7 +612,12 @@ def top_eigenvalue(
         if not math.isfinite(sq) or sq == 0.0:
             raise ValueError("init: the start vector is zero or not finite")
         v = _normalize(v, sq)
-    kw = {"method": method, "autocast_dtype": autocast_dtype, "reuse_graph": reuse_graph}
+    kw = {
+        "method": method,
+        "autocast_dtype": autocast_dtype,
+        "reuse_graph": reuse_graph,
+        "sdpa_math": sdpa_math,
+    }
     run = _power if solver == "power" else _lanczos
     with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:
         eig, v, it, converged, finite = run(op, v, max_iter, tol)
@@ -635,7 +644,12 @@ def hutchinson_trace(
     params = _trainable(model, params)
     gen = torch.Generator().manual_seed(seed)
     values = []
-    kw = {"method": method, "autocast_dtype": autocast_dtype, "reuse_graph": reuse_graph}
+    kw = {
+        "method": method,
+        "autocast_dtype": autocast_dtype,
+        "reuse_graph": reuse_graph,
+        "sdpa_math": sdpa_math,
+    }
     with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:
         for _ in range(n_samples):
             v = [

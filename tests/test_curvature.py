@@ -460,3 +460,19 @@ def test_auto_settles_on_a_method_and_matches_it():
         hvp(ckpt, cross_entropy_loss, batch, v, method="forward_over_reverse")
     hvp(ckpt, cross_entropy_loss, batch, v, method="auto")
     assert curvature.auto_choice(ckpt) == "double_backward"
+
+
+def test_hessian_operator_used_directly_runs_attention_models():
+    # Flash attention has no double backward; the operator itself picks the math kernel, not only
+    # the functions that wrap it (top_eigenvalue, hvp).
+    from scaling_abs.models import build_model
+
+    model = build_model("vit_tiny", num_classes=3, in_channels=1, image_size=8).eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    params = list(model.parameters())
+    v = [torch.ones_like(p) for p in params]
+    for reuse in (True, False):
+        op = curvature.HessianOperator(model, cross_entropy_loss, [(x, y)], params, reuse_graph=reuse)
+        got = flat(op(v))
+        want = flat(hvp(model, cross_entropy_loss, (x, y), v, params=params, method="double_backward"))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
