@@ -124,7 +124,7 @@ _TYPES = typing.get_type_hints(TrainConfig)
 
 
 # The words a string key's YAML bool stands for: `mixed_precision: no` (Accelerate's spelling) is False.
-_BOOL_WORDS = {"mixed_precision": ("no", "yes")}
+_BOOL_WORDS = {"mixed_precision": ("no", "true")}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -194,13 +194,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
         key = key.strip()
-        if key in _TYPES and _TYPES[key] is str:  # a string key keeps what was typed (`no` stays "no")
-            out[key] = raw
-            continue
         try:
-            out[key] = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            out[key] = raw
+            value = raw
+        if _TYPES.get(key) is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = raw.strip()  # a name like `output_dir=010` stays "010", not 8
+        out[key] = value  # as a YAML file would read it otherwise: quotes, null, `no` (False) alike
     return out
 
 

@@ -152,8 +152,10 @@ def test_mixed_precision_no_in_a_yaml_file(tmp_path):
     assert (cfg.mixed_precision, cfg.hessian_reuse_graph) == ("no", "true")
 
 
-def test_string_overrides_keep_the_typed_text():
-    cfg = load_config(None, ["hessian_reuse_graph=false", "hessian_block=last:2", "mixed_precision=bf16"])
-    assert (cfg.hessian_reuse_graph, cfg.hessian_block, cfg.mixed_precision) == ("false", "last:2", "bf16")
-    with pytest.raises(ConfigError, match="mixed_precision"):
+def test_string_overrides_read_like_yaml_but_keep_numbers_as_typed():
+    cfg = load_config(None, ["hessian_reuse_graph=False", "hessian_block='last:2'", "strategy= gg"])
+    assert (cfg.hessian_reuse_graph, cfg.hessian_block, cfg.strategy) == ("false", "last:2", "gg")
+    cfg = load_config(None, ["resume=null", "output_dir=010", "mixed_precision=off"])
+    assert (cfg.resume, cfg.output_dir, cfg.mixed_precision) == ("", "010", "no")
+    with pytest.raises(ConfigError, match="mixed_precision.*'true'"):
         load_config(None, ["mixed_precision=yes"])
