@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         summary = trainer.fit()
     finally:
         trainer.close()
+    if not trainer.rows:
+        sys.exit(
+            f"bench_hessian_samples: the run made {summary['curvature_checks']} checks; none of --at reached"
+        )
     by_size = {
         str(n): {
             "median_cv": statistics.median(r["sizes"][str(n)]["cv"] for r in trainer.rows),

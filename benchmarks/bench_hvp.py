@@ -147,7 +147,7 @@ def _calls(what: str, model: nn.Module, batch, device):
     g = torch.Generator().manual_seed(2)
     v = [torch.randn(p.shape, generator=g).to(device) for p in params]
     x, y = batch
-    micro4 = [(x[i : i + len(x) // 4], y[i : i + len(x) // 4]) for i in range(0, len(x), len(x) // 4)]
+    micro4 = list(zip(x.tensor_split(4), y.tensor_split(4)))  # 4 near-equal micro-batches
     model.eval()
 
     def train_step():

@@ -5,7 +5,7 @@
 #   3. the c1 preset (ResNet-18, one check of 4096 images per epoch) trained on Fashion-MNIST for
 #      EPOCHS epochs, fp32 and bf16: the curvature share of wall time in a real run
 #   4. bench_hvp.py on the other models, and ResNet-18 at a Hessian batch of 1024
-# Everything lands in $OUT (default benchmarks/results/gpu) and, after each stage, in
+# Everything lands in $OUT/gpu ($OUT defaults to /tmp/gpu_checks) and, after each stage, in
 # $OUT/gpu_results.tar.gz. A failed stage does not stop the next one.
 #
 #   OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/gpu_checks.sh
@@ -19,7 +19,7 @@ if ! command -v nvidia-smi > /dev/null; then
   exit 2
 fi
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/gpu}
+OUT=${OUT:-/tmp/gpu_checks}
 PY=${PY:-python3}
 EPOCHS=${EPOCHS:-3}
 FMNIST_DIR=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
@@ -54,7 +54,7 @@ for mp in no bf16; do
   $PY -m scaling_abs train --config c1 dataset=fashion_mnist "data_dir=$FMNIST_DIR" "epochs=$EPOCHS" \
     "mixed_precision=$mp" "output_dir=/tmp/c1_$mp" 2>&1 | grep --line-buffered -v -i warning | tail -12 | tee "$R/train_c1_$mp.log"
   cp "/tmp/c1_$mp/summary.json" "$R/train_c1_${mp}_summary.json"
-  cp "/tmp/c1_$mp/metrics.jsonl" "$R/train_c1_${mp}_metrics.jsonl"
+  grep -v '"kind": "step"' "/tmp/c1_$mp/metrics.jsonl" > "$R/train_c1_${mp}_checks.jsonl"  # checks and evaluations
   pack
 done
 
