@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The curvature checks that need a CUDA GPU (issue 5), as one command, most important first:
+#   0. tests/test_gpu.py (pytest -m gpu)
 #   1. bench_hvp_accuracy.py: every HVP path against fp64 (fp32 with TF32 on and off, bf16, fp16)
 #   2. bench_hvp.py on ResNet-18, 128 images 3x32x32 (the issue's setting), every measurement
 #   3. the c1 preset (ResNet-18, one check of 4096 images per epoch) trained on Fashion-MNIST for
@@ -11,7 +12,7 @@
 #   OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/gpu_checks.sh
 set -u
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 if ! command -v nvidia-smi > /dev/null; then
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
 PY=${PY:-python3}
 EPOCHS=${EPOCHS:-3}
-FMNIST_DIR=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
+export FMNIST_DIR=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}  # tests/test_gpu.py reads it too
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT/gpu"
 R=$OUT/gpu
@@ -34,6 +35,10 @@ stage machine
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c 'import torch, torchvision, accelerate; print(torch.__version__, torchvision.__version__, accelerate.__version__)'
   $PY -c 'import pyhessian' 2>&1 | tail -1; } | tee "$R/machine.txt"
+pack
+
+stage "tests marked gpu"
+$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$R/tests_gpu.log"
 pack
 
 stage accuracy

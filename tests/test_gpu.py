@@ -1,0 +1,97 @@
+"""What must hold on a CUDA device (issue 5): the HVP paths against fp64, bf16 checks against fp32,
+and a training run with checks under bf16. Marked ``gpu``: skipped without CUDA (CI has none);
+``SCALING_ABS_TEST_DEVICE=cpu`` runs them on the CPU to check the tests themselves. On a GPU:
+
+    python -m pytest -q -m gpu tests/test_gpu.py
+"""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from scaling_abs.config import load_config
+from scaling_abs.curvature import HessianOperator, _checking, cross_entropy_loss, hvp, top_eigenvalue
+from scaling_abs.models import build_model
+from scaling_abs.trainer import train
+
+pytestmark = pytest.mark.gpu
+DEVICE = torch.device(os.environ.get("SCALING_ABS_TEST_DEVICE", "cuda"))
+
+
+@pytest.fixture
+def exact_fp32():
+    """TF32 off for convolutions and matmuls (restored after): fp32 that is fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def cnn_and_batch(n: int = 64):
+    torch.manual_seed(0)
+    model = build_model("cnn", num_classes=10, in_channels=1, image_size=28).to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 1, 28, 28, generator=g).to(DEVICE)
+    y = torch.randint(0, 10, (n,), generator=g).to(DEVICE)
+    return model, (x, y)
+
+
+def rel(a, b) -> float:
+    num = sum(((u.double() - w.double()) ** 2).sum() for u, w in zip(a, b)) ** 0.5
+    return float(num / sum((w.double() ** 2).sum() for w in b) ** 0.5)
+
+
+def test_every_fp32_hvp_path_matches_fp64(exact_fp32):
+    model, (x, y) = cnn_and_batch()
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(2)
+    v = [torch.randn(p.shape, generator=g).to(DEVICE) for p in params]
+    ref = hvp(copy.deepcopy(model).double(), cross_entropy_loss, (x.double(), y), [t.double() for t in v])
+    for method in ("double_backward", "forward_over_reverse", "auto"):
+        assert rel(hvp(model, cross_entropy_loss, (x, y), v, method=method), ref) < 1e-5, method
+    whole, quarters = [(x, y)], list(zip(x.tensor_split(4), y.tensor_split(4)))
+    with _checking(model, "eval", True):
+        for batches, reuse in ((whole, True), (quarters, False)):
+            op = HessianOperator(model, cross_entropy_loss, batches, params, reuse_graph=reuse)
+            op(v)  # the kept graph is built at the first product
+            assert rel(op(v), ref) < 1e-5, f"reuse_graph={reuse}"
+
+
+def test_bf16_eigenvalue_within_2_percent_of_fp32(exact_fp32):
+    model, batch = cnn_and_batch(128)
+    kw = {"max_iter": 10, "tol": 0.0, "seed": 0}
+    fp32 = top_eigenvalue(model, cross_entropy_loss, [batch], **kw)
+    bf16 = top_eigenvalue(model, cross_entropy_loss, [batch], autocast_dtype=torch.bfloat16, **kw)
+    assert fp32.finite and bf16.finite
+    assert abs(bf16.eigenvalue / fp32.eigenvalue - 1) < 0.02
+
+
+def test_bf16_training_run_with_checks(tmp_path):
+    cfg = load_config(
+        None,
+        {
+            "model": "cnn",
+            "limit_train_samples": 2048,
+            "epochs": 1,
+            "batch_size": 64,
+            "max_batch_size": 256,
+            "micro_batch_size": 128,
+            "hessian_every": 512,
+            "hessian_samples": 256,
+            "kappa": 1,
+            "mixed_precision": "bf16",
+            "progress": False,
+            "tensorboard": False,
+            "output_dir": str(tmp_path / "run"),
+            "data_dir": os.environ.get("FMNIST_DIR", ""),  # a GPU machine may keep the data elsewhere
+        },
+    )
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if r["kind"] == "check"]
+    assert len(checks) == summary["curvature_checks"] >= 3
+    assert all(c["finite"] and c["eigenvalue"] > 0 for c in checks)
+    assert summary["max_batch_size"] > 64  # kappa = 1: every check without a drop grows the batch
