@@ -6,13 +6,16 @@
 #   3. the c1 preset (ResNet-18, one check of 4096 images per epoch) trained on Fashion-MNIST for
 #      EPOCHS epochs, fp32 and bf16: the curvature share of wall time in a real run
 #   4. bench_hvp.py on the other models, and ResNet-18 at a Hessian batch of 1024
-# Everything lands in $OUT/gpu ($OUT defaults to /tmp/gpu_checks) and, after each stage, in
-# $OUT/gpu_results.tar.gz. A failed stage does not stop the next one.
+# STAGES picks some (default: tests accuracy bench_c1 train bench_small bench_c1_1024), PRECISIONS
+# the training runs' (default: no bf16). Everything lands in $OUT/gpu ($OUT defaults to
+# /tmp/gpu_checks) and, after each stage, in $OUT/gpu_results.tar.gz. A failed stage does not stop
+# the next one.
 #
 #   OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/gpu_checks.sh
+#   STAGES='tests train' PRECISIONS=no bash benchmarks/gpu_checks.sh
 set -u
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   exit 0
 fi
 if ! command -v nvidia-smi > /dev/null; then
@@ -28,6 +31,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT/gpu"
 R=$OUT/gpu
 
+STAGES=" ${STAGES:-tests accuracy bench_c1 train bench_small bench_c1_1024} "
+PRECISIONS=${PRECISIONS:-no bf16}
+want() { [[ $STAGES == *" $1 "* ]]; }
 pack() { tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" gpu; }
 stage() { echo "=== $(date +%T) $*"; }
 
@@ -37,23 +43,30 @@ stage machine
   $PY -c 'import pyhessian' 2>&1 | tail -1; } | tee "$R/machine.txt"
 pack
 
+if want tests; then
 stage "tests marked gpu"
 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$R/tests_gpu.log"
 pack
+fi
 
+if want accuracy; then
 stage accuracy
 $PY benchmarks/bench_hvp_accuracy.py --models c1 vit_tiny cnn --out "$R/bench_hvp_accuracy_cuda.json" 2>&1 \
   | grep --line-buffered -v -i warning | tee "$R/accuracy.log"
 pack
+fi
 
+if want bench_c1; then
 stage bench_hvp c1 128
 $PY benchmarks/bench_hvp.py --models c1 --runs 5 --child-timeout 120 --out "$R/bench_hvp_cuda_c1.json" \
   --measurements train_step hvp_double_backward hvp_forward_over_reverse hvp_bf16 hvp_checkpointed \
   hvp_reused eig_ours eig_ours_fresh eig_ours_micro4 eig_ours_lanczos eig_ours_bf16 eig_ours_checkpointed \
   eig_classic eig_pyhessian 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_c1.log"
 pack
+fi
 
-for mp in no bf16; do
+if want train; then
+for mp in $PRECISIONS; do
   stage "train c1 preset on fashion_mnist, mixed_precision=$mp"
   rm -rf "/tmp/c1_$mp"
   $PY -m scaling_abs train --config c1 dataset=fashion_mnist "data_dir=$FMNIST_DIR" "epochs=$EPOCHS" \
@@ -62,16 +75,21 @@ for mp in no bf16; do
   grep -v '"kind": "step"' "/tmp/c1_$mp/metrics.jsonl" > "$R/train_c1_${mp}_checks.jsonl"  # checks and evaluations
   pack
 done
+fi
 
+if want bench_small; then
 stage bench_hvp other models
 $PY benchmarks/bench_hvp.py --models mlp cnn vit_tiny --runs 5 --child-timeout 60 --out "$R/bench_hvp_cuda_small.json" \
   --measurements train_step hvp_double_backward hvp_forward_over_reverse hvp_reused hvp_bf16 hvp_checkpointed \
   eig_ours eig_ours_bf16 eig_classic 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_small.log"
 pack
+fi
 
+if want bench_c1_1024; then
 stage bench_hvp c1 1024
 $PY benchmarks/bench_hvp.py --models c1 --batch 1024 --runs 3 --child-timeout 120 --out "$R/bench_hvp_cuda_c1_1024.json" \
   --measurements train_step hvp_reused hvp_checkpointed hvp_bf16 eig_ours eig_ours_bf16 eig_ours_checkpointed \
   eig_classic hvp_compiled 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_c1_1024.log"
 pack
+fi
 stage done
