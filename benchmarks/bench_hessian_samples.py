@@ -23,20 +23,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from run_record import run_record  # noqa: E402
+from trainer_bench import run_record, timed_estimate  # noqa: E402
 
 from scaling_abs import curvature  # noqa: E402
 from scaling_abs.config import load_config, parse_overrides  # noqa: E402
-from scaling_abs.data import collate_batch  # noqa: E402
-from scaling_abs.trainer import Trainer, _fetch  # noqa: E402
+from scaling_abs.trainer import Trainer  # noqa: E402
 
 
 class SamplingTrainer(Trainer):
@@ -47,12 +43,6 @@ class SamplingTrainer(Trainer):
         self.sizes, self.draws, self.at = sizes, draws, at
         self.rows: list[dict] = []
 
-    def _draw(self, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(self.n_train, generator=g)[:n].tolist()
-        micro = self.cfg.hessian_micro_batch_size or self.cfg.micro_batch_size
-        return [collate_batch(_fetch(self.data.train, idx[i : i + micro])) for i in range(0, n, micro)]
-
     def _check(self):
         if self.state.checks in self.at:
             params = curvature.resolve_block(self.raw_model, self.cfg.hessian_block)
@@ -60,20 +50,11 @@ class SamplingTrainer(Trainer):
             for n in self.sizes:
                 values, seconds, products = [], [], []
                 for d in range(self.draws):
-                    batches = self._draw(n, seed=10_000 * (self.state.checks + 1) + 100 * d + n)
-                    start = time.perf_counter()
-                    res = curvature.top_eigenvalue(
-                        self.raw_model,
-                        curvature.cross_entropy_loss,
-                        batches,
-                        params=params,
-                        max_iter=20,
-                        tol=1e-4,
-                        seed=d,
-                        solver="lanczos",
-                        bn_mode=self.cfg.hessian_bn_mode,
+                    batches = self._hessian_batches(n, seed=10_000 * (self.state.checks + 1) + 100 * d + n)
+                    res, secs = timed_estimate(
+                        self, batches, params, max_iter=20, tol=1e-4, seed=d, solver="lanczos"
                     )
-                    seconds.append(time.perf_counter() - start)
+                    seconds.append(secs)
                     values.append(res.eigenvalue)
                     products.append(res.iterations)
                 mean = statistics.fmean(values)

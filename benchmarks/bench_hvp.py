@@ -286,15 +286,7 @@ def _ratio_rows(results: list[dict]) -> list[str]:
             return by.get((model, m))
 
         classic, step, fp32 = get("eig_classic"), get("train_step"), get("eig_ours")
-        for m in (
-            "eig_ours",
-            "eig_ours_fresh",
-            "eig_ours_micro4",
-            "eig_ours_lanczos",
-            "eig_ours_bf16",
-            "eig_ours_checkpointed",
-            "eig_pyhessian",
-        ):
+        for m in (m for m in MEASUREMENTS if m.startswith("eig_") and m != "eig_classic"):
             if classic and get(m):
                 t = get(m)["median_s"] / classic["median_s"]
                 mem = get(m)["peak_mem_bytes"] / max(classic["peak_mem_bytes"], 1)

@@ -28,7 +28,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from run_record import run_record  # noqa: E402
+from trainer_bench import run_record, timed_estimate  # noqa: E402
 
 from scaling_abs import curvature  # noqa: E402
 from scaling_abs.config import load_config, parse_overrides  # noqa: E402
@@ -59,26 +58,11 @@ class MeasuringTrainer(Trainer):
         self.previous: dict[str, list[torch.Tensor] | None] = dict.fromkeys(VARIANTS)
         self.rows: list[dict] = []
 
-    def _estimate(self, batches, params, **kw) -> tuple[curvature.EigenResult, float]:
-        cfg = self.cfg
-        args = {"max_iter": cfg.hessian_iters, "tol": cfg.hessian_tol, "seed": cfg.seed + self.state.checks}
-        args.update(kw)
-        start = time.perf_counter()
-        res = curvature.top_eigenvalue(
-            self.raw_model,
-            curvature.cross_entropy_loss,
-            batches,
-            params=params,
-            bn_mode=cfg.hessian_bn_mode,
-            **args,
-        )
-        return res, time.perf_counter() - start
-
     def _check(self):
         params = curvature.resolve_block(self.raw_model, self.cfg.hessian_block)
         batches = self._hessian_batches()
         row = {"check": self.state.checks, "epoch": self.epoch}
-        ref, secs = self._estimate(batches, params, max_iter=40, tol=1e-8, solver="lanczos")
+        ref, secs = timed_estimate(self, batches, params, max_iter=40, tol=1e-8, solver="lanczos")
         row["reference"] = {"eigenvalue": ref.eigenvalue, "iterations": ref.iterations, "seconds": secs}
         for name, (solver, warm) in VARIANTS.items():
             init = None
@@ -86,7 +70,7 @@ class MeasuringTrainer(Trainer):
                 init = curvature.warm_start(
                     self.previous[name], params, seed=self.cfg.seed + self.state.checks, noise=self.noise
                 )
-            res, secs = self._estimate(batches, params, init=init, solver=solver)
+            res, secs = timed_estimate(self, batches, params, init=init, solver=solver)
             self.previous[name] = res.eigenvector
             row[name] = {"eigenvalue": res.eigenvalue, "iterations": res.iterations, "seconds": secs}
         self.rows.append(row)

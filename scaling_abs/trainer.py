@@ -363,12 +363,15 @@ class Trainer:
         self._loader_iter = iter(self._loader(plan))
 
     # -- curvature check --------------------------------------------------------------------
-    def _hessian_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's share of a seeded draw of ``hessian_samples`` training samples, micro-batched."""
+    def _hessian_batches(
+        self, samples: int | None = None, seed: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of a seeded draw of ``samples`` (default ``hessian_samples``) training
+        samples, micro-batched; the default seed follows the check count."""
         cfg, acc = self.cfg, self.accelerator
-        n = min(cfg.hessian_samples, self.n_train)
+        n = min(cfg.hessian_samples if samples is None else samples, self.n_train)
         n -= n % acc.num_processes
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.state.checks)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.state.checks if seed is None else seed)
         idx = torch.randperm(self.n_train, generator=g)[:n].tolist()
         share = n // acc.num_processes
         idx = idx[acc.process_index * share : (acc.process_index + 1) * share]

@@ -1,0 +1,54 @@
+"""Shared by the benchmarks that measure along a training run (``bench_solvers.py``,
+``bench_hessian_samples.py``): a timed eigenvalue estimate on the trainer's model, and what a run
+records besides its measurements (the command, the config, the machine, the run's outcome)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scaling_abs import curvature
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_record(command: str, overrides: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "command": command,
+        "config": {k: overrides[k] for k in sorted(overrides)},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "git": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip(),
+        },
+        "training": {
+            k: summary[k] for k in ("test_accuracy", "updates", "max_batch_size", "curvature_checks")
+        },
+    }
+
+
+def timed_estimate(trainer, batches, params, **kw) -> tuple[curvature.EigenResult, float]:
+    """``top_eigenvalue`` of ``trainer``'s model on ``batches`` with the check's settings (iterations,
+    tolerance, seed, BatchNorm mode) unless ``kw`` overrides them, and its seconds."""
+    cfg = trainer.cfg
+    args = {"max_iter": cfg.hessian_iters, "tol": cfg.hessian_tol, "seed": cfg.seed + trainer.state.checks}
+    args.update(kw)
+    start = time.perf_counter()
+    res = curvature.top_eigenvalue(
+        trainer.raw_model,
+        curvature.cross_entropy_loss,
+        batches,
+        params=params,
+        bn_mode=cfg.hessian_bn_mode,
+        **args,
+    )
+    return res, time.perf_counter() - start
