@@ -19,12 +19,19 @@ excepted: its estimate after 10 products is closer to the top).
 Measurements (all on the same model, batch and vector, BatchNorm in eval mode as the paper's code):
   train_step               forward + backward in train mode (what one SGD step costs, optimizer aside)
   hvp_double_backward      one HVP from scratch: forward, backward with create_graph, backward again
+  hvp_double_backward_stock  the same with PyTorch's own second-order rules (custom_rules=False; on
+                           the CPU the defaults use ours for convolutions and eval-mode BatchNorm)
   hvp_forward_over_reverse one HVP from scratch by torch.func.jvp of torch.func.grad
   hvp_bf16                 hvp_double_backward under bf16 autocast (fp32 vectors)
   hvp_checkpointed         hvp_double_backward with non-reentrant activation checkpointing per block
   hvp_reused               one HVP on a kept gradient graph (what each power iteration costs when reused)
+  hvp_reused_stock         the same with PyTorch's own second-order rules (custom_rules=False)
+  hvp_reused_rules         the same with ours forced on (custom_rules=True: the CPU default; on a GPU,
+                           where the default is PyTorch's rules, this row measures ours)
   hvp_compiled             torch.compile of the forward-over-reverse HVP (warm-up = compilation, in warmup_s)
   eig_ours                 top_eigenvalue with its defaults (one micro-batch: the graph is reused)
+  eig_ours_stock           eig_ours with PyTorch's own second-order rules (custom_rules=False)
+  eig_ours_rules           eig_ours with ours forced on (custom_rules=True)
   eig_ours_fresh           top_eigenvalue, reuse_graph=False (a new forward/backward every iteration)
   eig_ours_micro4          top_eigenvalue over 4 micro-batches, fresh: the memory-saving setting
   eig_ours_lanczos         top_eigenvalue, solver="lanczos": the same 10 products plus reorthogonalisation
@@ -71,12 +78,17 @@ MODELS = {  # name: (classes, channels, size, batch)
 MEASUREMENTS = [
     "train_step",
     "hvp_double_backward",
+    "hvp_double_backward_stock",
     "hvp_forward_over_reverse",
     "hvp_bf16",
     "hvp_checkpointed",
     "hvp_reused",
+    "hvp_reused_stock",
+    "hvp_reused_rules",
     "hvp_compiled",
     "eig_ours",
+    "eig_ours_stock",
+    "eig_ours_rules",
     "eig_ours_fresh",
     "eig_ours_micro4",
     "eig_ours_lanczos",
@@ -163,6 +175,7 @@ def _calls(what: str, model: nn.Module, batch, device):
         return train_step, train_step
     hvp_kwargs = {
         "hvp_double_backward": {"method": "double_backward"},
+        "hvp_double_backward_stock": {"method": "double_backward", "custom_rules": False},
         "hvp_checkpointed": {"method": "double_backward"},
         "hvp_forward_over_reverse": {"method": "forward_over_reverse"},
         "hvp_bf16": {"method": "double_backward", "autocast_dtype": torch.bfloat16},
@@ -191,11 +204,17 @@ def _calls(what: str, model: nn.Module, batch, device):
             return list(compiled(primals, tangents).values())
 
         return call, call
-    if what == "hvp_reused":
-        op = HessianOperator(model, cross_entropy_loss, [batch], params, reuse_graph=True)
+    if what in ("hvp_reused", "hvp_reused_stock", "hvp_reused_rules"):
+        rules = {"hvp_reused": {}, "hvp_reused_stock": {"custom_rules": False}}.get(
+            what, {"custom_rules": True}
+        )
+        op = HessianOperator(model, cross_entropy_loss, [batch], params, reuse_graph=True, **rules)
         return (lambda: op(v)), (lambda: op(v))  # the warm-up builds the graph
     if what == "eig_ours":
         return eig(1), eig(ITERS)
+    if what in ("eig_ours_stock", "eig_ours_rules"):
+        rules = what == "eig_ours_rules"
+        return eig(1, custom_rules=rules), eig(ITERS, custom_rules=rules)
     if what == "eig_ours_fresh":
         return eig(1, reuse_graph=False), eig(ITERS, reuse_graph=False)
     if what == "eig_ours_micro4":
@@ -296,8 +315,11 @@ def _ratio_rows(results: list[dict]) -> list[str]:
                 rows.append(row)
         for m in (
             "hvp_double_backward",
+            "hvp_double_backward_stock",
             "hvp_forward_over_reverse",
             "hvp_reused",
+            "hvp_reused_stock",
+            "hvp_reused_rules",
             "hvp_compiled",
             "hvp_bf16",
         ):
@@ -307,7 +329,9 @@ def _ratio_rows(results: list[dict]) -> list[str]:
                 )
         for m in (
             "hvp_double_backward",
+            "hvp_double_backward_stock",
             "hvp_reused",
+            "hvp_reused_stock",
             "hvp_checkpointed",
             "hvp_bf16",
             "eig_ours_checkpointed",

@@ -10,6 +10,8 @@ mode as the paper's code). The reference is ``hvp(method="double_backward")`` on
 model and batch; each row is ``||Hv - Hv_ref|| / ||Hv_ref||`` for one way of computing ``Hv``:
 
   double_backward, forward_over_reverse, auto   the methods of ``curvature.hvp`` (fp32)
+  rules, stock_rules  double backward with our second-order rules for convolutions forced on / off
+                      (custom_rules=True / False; the default is on for the CPU)
   reused_graph        the power iteration's product: the gradient graph built once, differentiated again
   micro4              the mean loss over 4 micro-batches, each with its own graph
   checkpointed        every block under non-reentrant activation checkpointing
@@ -48,7 +50,16 @@ from scaling_abs.curvature import (  # noqa: E402
     top_eigenvalue,
 )
 
-FP32_ROWS = ("double_backward", "forward_over_reverse", "auto", "reused_graph", "micro4", "checkpointed")
+FP32_ROWS = (
+    "double_backward",
+    "forward_over_reverse",
+    "auto",
+    "rules",
+    "stock_rules",
+    "reused_graph",
+    "micro4",
+    "checkpointed",
+)
 
 
 def _rel(a, b) -> float:
@@ -72,6 +83,9 @@ def _product(row: str, model, batch, v):
     params = [p for p in model.parameters() if p.requires_grad]
     if row in ("double_backward", "forward_over_reverse", "auto"):
         return hvp(model, cross_entropy_loss, batch, v, method=row)
+    if row in ("rules", "stock_rules"):
+        rules = row == "rules"
+        return hvp(model, cross_entropy_loss, batch, v, method="double_backward", custom_rules=rules)
     if row in ("bf16", "fp16"):
         dtype = torch.bfloat16 if row == "bf16" else torch.float16
         return hvp(model, cross_entropy_loss, batch, v, method="double_backward", autocast_dtype=dtype)

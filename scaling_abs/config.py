@@ -77,6 +77,10 @@ class TrainConfig:
     hessian_reuse_graph: str = _f(
         "auto", "keep the gradient graph across power iterations: auto (one micro-batch) | true | false"
     )
+    hessian_custom_rules: str = _f(
+        "auto",
+        "our second-order rules for convolutions in checks: auto (CPU without autocast) | true | false",
+    )
     hessian_solver: str = _f("power", "eigenvalue solver of a check: power (the paper's) | lanczos")
     hessian_warm_start: bool = _f(
         False, "start each check from the last check's eigenvector (+ a random part)"
@@ -309,6 +313,11 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         cfg.hessian_reuse_graph in ("auto", "true", "false"),
         "hessian_reuse_graph",
         f"expected auto, true or false, got {cfg.hessian_reuse_graph!r}",
+    )
+    _check(
+        cfg.hessian_custom_rules in ("auto", "true", "false"),
+        "hessian_custom_rules",
+        f"expected auto, true or false, got {cfg.hessian_custom_rules!r}",
     )
     block = cfg.hessian_block
     _check(

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaling_abs import distributed
+from scaling_abs import _second_order, distributed
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 METHODS = ("auto", "double_backward", "forward_over_reverse")
@@ -175,6 +175,12 @@ def _gradient_graph(model, loss_fn, batch, params, autocast_dtype) -> tuple[tupl
     return grads, scale
 
 
+def _rules(model, params, autocast_dtype, custom_rules):
+    """The context both passes of a double-backward HVP run in (see :func:`grad_and_hvp`)."""
+    enabled = _second_order.wanted(custom_rules, params[0].device, autocast_dtype)
+    return _second_order.second_order_rules(model, enabled)
+
+
 def _hvp_from_graph(grads, params, vector, scale, *, retain_graph: bool) -> list[torch.Tensor]:
     """``H v`` as the vector-Jacobian product of the gradient with ``v``: one reverse pass through the
     gradient's graph (``grad(<g, v>)`` without building the dot product); fp32 (fp64 stays)."""
@@ -197,10 +203,11 @@ def _hvp_from_graph(grads, params, vector, scale, *, retain_graph: bool) -> list
     return out
 
 
-def _double_backward(model, loss_fn, batch, params, vector, autocast_dtype):
-    grads, scale = _gradient_graph(model, loss_fn, batch, params, autocast_dtype)
-    out_g = [_zeros(p) if g is None else _acc(g.detach()) / scale for p, g in zip(params, grads)]
-    return out_g, _hvp_from_graph(grads, params, vector, scale, retain_graph=False)
+def _double_backward(model, loss_fn, batch, params, vector, autocast_dtype, custom_rules="auto"):
+    with _rules(model, params, autocast_dtype, custom_rules):
+        grads, scale = _gradient_graph(model, loss_fn, batch, params, autocast_dtype)
+        out_g = [_zeros(p) if g is None else _acc(g.detach()) / scale for p, g in zip(params, grads)]
+        return out_g, _hvp_from_graph(grads, params, vector, scale, retain_graph=False)
 
 
 class _LossModule(nn.Module):
@@ -252,6 +259,7 @@ def grad_and_hvp(
     params: Sequence[torch.Tensor],
     method: str = "auto",
     autocast_dtype: torch.dtype | None = None,
+    custom_rules: bool | str = "auto",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradient and HVP of ``loss_fn(model, batch)`` w.r.t. ``params`` in one call (fp32 results,
     fp64 for fp64 parameters). No mode or buffer handling: the public functions wrap this in
@@ -261,12 +269,17 @@ def grad_and_hvp(
     measures both methods once per (architecture, device, autocast dtype) and keeps the faster,
     dropping forward-over-reverse when it fails (activation checkpointing, ops without forward-mode
     rules).
+
+    ``custom_rules`` (double backward only): differentiate convolutions with our own rules (:mod:`scaling_abs._second_order`; the same HVP, each second-order convolution a
+    kernel training uses instead of PyTorch's generic double-backward formula). ``"auto"``: on the
+    CPU without autocast, where it was measured faster; PyTorch's rules elsewhere.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _second_order.wanted(custom_rules, params[0].device, autocast_dtype)  # a bad value fails here
     args = (model, loss_fn, batch, params, vector, autocast_dtype)
     if method == "double_backward":
-        return _double_backward(*args)
+        return _double_backward(*args, custom_rules)
     if method == "forward_over_reverse":
         return _forward_over_reverse(*args)
     device = params[0].device
@@ -278,7 +291,7 @@ def grad_and_hvp(
         # ~2 s first-call set-up.
         choice = _AUTO_CHOICE[key] = "double_backward"
     if choice == "double_backward":
-        return _double_backward(*args)
+        return _double_backward(*args, custom_rules)
     if choice == "forward_over_reverse":
         return _forward_over_reverse(*args)
     try:  # first call for this kind of model: time both (the second run of each, after warm-up)
@@ -286,9 +299,9 @@ def grad_and_hvp(
         t_for, out_for = _timed(_forward_over_reverse, *args)
     except Exception:
         _AUTO_CHOICE[key] = "double_backward"
-        return _double_backward(*args)
-    _double_backward(*args)
-    t_db, out_db = _timed(_double_backward, *args)
+        return _double_backward(*args, custom_rules)
+    _double_backward(*args, custom_rules)
+    t_db, out_db = _timed(_double_backward, *args, custom_rules)
     _AUTO_CHOICE[key] = "forward_over_reverse" if t_for < t_db else "double_backward"
     return out_for if t_for < t_db else out_db
 
@@ -323,6 +336,7 @@ def hvp(
     bn_mode: str = "eval",
     autocast_dtype: torch.dtype | None = None,
     sdpa_math: bool = True,
+    custom_rules: bool | str = "auto",
 ) -> list[torch.Tensor]:
     """Hessian-vector product ``H v`` of ``loss_fn(model, batch)`` w.r.t. ``params``.
 
@@ -331,13 +345,21 @@ def hvp(
         vector: tensors shaped like ``params`` (default: all trainable parameters).
         method: ``"auto" | "double_backward" | "forward_over_reverse"``.
         bn_mode: ``"eval"`` (default, the paper's code) or ``"train"`` (batch statistics).
+        custom_rules: see :func:`grad_and_hvp`.
     Returns:
         fp32 tensors shaped like ``params``. The model is left as it was.
     """
     params = _trainable(model, params)
     with _checking(model, bn_mode, sdpa_math):
         return grad_and_hvp(
-            model, loss_fn, batch, vector, params=params, method=method, autocast_dtype=autocast_dtype
+            model,
+            loss_fn,
+            batch,
+            vector,
+            params=params,
+            method=method,
+            autocast_dtype=autocast_dtype,
+            custom_rules=custom_rules,
         )[1]
 
 
@@ -353,6 +375,8 @@ class HessianOperator:
     (a graph to differentiate again); ``method="forward_over_reverse"`` turns it off.
     ``sdpa_math``: products run with the math attention kernel (flash and memory-efficient attention
     have no double backward), also when the operator is used directly.
+    ``custom_rules``: our second-order rules for convolutions (see
+    :func:`grad_and_hvp`).
     """
 
     def __init__(
@@ -366,12 +390,15 @@ class HessianOperator:
         autocast_dtype: torch.dtype | None = None,
         reuse_graph: bool | str = "auto",
         sdpa_math: bool = True,
+        custom_rules: bool | str = "auto",
     ):
         if reuse_graph not in (True, False, "auto"):
             raise ValueError(f"reuse_graph must be True, False or 'auto', got {reuse_graph!r}")
         self.model, self.loss_fn, self.params = model, loss_fn, list(params)
         self.batches = list(batches)
         self.method, self.autocast_dtype, self.sdpa_math = method, autocast_dtype, sdpa_math
+        _second_order.wanted(custom_rules, torch.device("cpu"), None)  # a bad value fails here
+        self.custom_rules = custom_rules
         sizes = [_batch_size(b) for b in self.batches]
         self.samples = int(distributed.all_reduce_sum(float(sum(sizes))))
         if self.samples == 0:
@@ -393,6 +420,7 @@ class HessianOperator:
                 params=self.params,
                 method=self.method,
                 autocast_dtype=self.autocast_dtype,
+                custom_rules=self.custom_rules,
             )[1]
         if self._graphs is None:  # built at the first product, kept until the operator is dropped
             self._graphs = [
@@ -404,7 +432,11 @@ class HessianOperator:
 
     def __call__(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         total = [_zeros(p) for p in self.params]
-        with _math_sdpa(self.sdpa_math):  # also when used directly, not only under top_eigenvalue
+        # Kept graphs: built and differentiated under the same rules (a checkpointed forward is
+        # recomputed in either pass); fresh products set them up themselves (_double_backward).
+        setting = self.custom_rules if self.reuse_graph else False
+        rules = _rules(self.model, self.params, self.autocast_dtype, setting)
+        with _math_sdpa(self.sdpa_math), rules:  # also when used directly, not only under top_eigenvalue
             for i, w in enumerate(self.weights):
                 for t, x in zip(total, self._hvp(i, vector)):
                     t.add_(x, alpha=w)
@@ -574,6 +606,7 @@ def top_eigenvalue(
     reuse_graph: bool | str = "auto",
     init: Sequence[torch.Tensor] | None = None,
     solver: str = "power",
+    custom_rules: bool | str = "auto",
 ) -> EigenResult:
     """Top (largest-magnitude) Hessian eigenvalue by power iteration (or Lanczos).
 
@@ -594,6 +627,9 @@ def top_eigenvalue(
             ``seed``. It must be the same on every rank.
         solver: ``"power"`` (the paper's) or ``"lanczos"`` (the same products, a better estimate
             from them; keeps ``max_iter`` vectors: see :func:`_lanczos`).
+        custom_rules: our second-order rules for convolutions (the same
+            products, faster on the CPU; ``"auto"``: on the CPU without autocast; see
+            :func:`grad_and_hvp`).
     Returns:
         :class:`EigenResult`; the eigenvector is fp32 and unit-norm, shaped like ``params``.
     """
@@ -617,6 +653,7 @@ def top_eigenvalue(
         "autocast_dtype": autocast_dtype,
         "reuse_graph": reuse_graph,
         "sdpa_math": sdpa_math,
+        "custom_rules": custom_rules,
     }
     run = _power if solver == "power" else _lanczos
     with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:
@@ -637,6 +674,7 @@ def hutchinson_trace(
     autocast_dtype: torch.dtype | None = None,
     sdpa_math: bool = True,
     reuse_graph: bool | str = "auto",
+    custom_rules: bool | str = "auto",
 ) -> TraceResult:
     """Hutchinson's estimate ``E[v^T H v]`` with Rademacher ``v`` from a seeded generator."""
     if n_samples < 1:
@@ -649,6 +687,7 @@ def hutchinson_trace(
         "autocast_dtype": autocast_dtype,
         "reuse_graph": reuse_graph,
         "sdpa_math": sdpa_math,
+        "custom_rules": custom_rules,
     }
     with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:
         for _ in range(n_samples):

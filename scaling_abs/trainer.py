@@ -43,6 +43,7 @@ from scaling_abs.schedules import build_schedule
 CHECKPOINT_PREFIX = "step_"
 # Accelerate names registered objects' files by their order: schedule, TrainState, CurvatureState
 CURVATURE_STATE_FILE = "custom_checkpoint_2.pkl"
+_AUTO_BOOL = {"auto": "auto", "true": True, "false": False}  # hessian_reuse_graph / _custom_rules
 
 
 @dataclass
@@ -420,7 +421,8 @@ class Trainer:
             seed=seed,
             bn_mode=cfg.hessian_bn_mode,
             autocast_dtype=dtype,
-            reuse_graph={"auto": "auto", "true": True, "false": False}[cfg.hessian_reuse_graph],
+            reuse_graph=_AUTO_BOOL[cfg.hessian_reuse_graph],
+            custom_rules=_AUTO_BOOL[cfg.hessian_custom_rules],
             init=init,
             solver=cfg.hessian_solver,
         )

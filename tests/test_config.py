@@ -85,6 +85,7 @@ def test_paper_presets_check_once_per_epoch(preset):
         ("progress=maybe", "progress"),
         ("lr_schedule=cosine", "lr_schedule"),
         ("hessian_reuse_graph=sometimes", "hessian_reuse_graph"),
+        ("hessian_custom_rules=fast", "hessian_custom_rules"),
         ("hessian_micro_batch_size=-1", "hessian_micro_batch_size"),
         ("hessian_solver=arnoldi", "hessian_solver"),
         ("hessian_warm_start=perhaps", "hessian_warm_start"),
@@ -155,6 +156,7 @@ def test_mixed_precision_no_in_a_yaml_file(tmp_path):
 def test_string_overrides_read_like_yaml_but_keep_numbers_as_typed():
     cfg = load_config(None, ["hessian_reuse_graph=False", "hessian_block='last:2'", "strategy= gg"])
     assert (cfg.hessian_reuse_graph, cfg.hessian_block, cfg.strategy) == ("false", "last:2", "gg")
+    assert load_config(None, ["hessian_custom_rules=off"]).hessian_custom_rules == "false"
     cfg = load_config(None, ["resume=null", "output_dir=010", "mixed_precision=off"])
     assert (cfg.resume, cfg.output_dir, cfg.mixed_precision) == ("", "010", "no")
     with pytest.raises(ConfigError, match="mixed_precision.*'true'"):

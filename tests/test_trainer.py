@@ -129,6 +129,31 @@ def test_lanczos_warm_started_checks_and_the_curvature_state(tmp_path):
     assert restored.start(params, seed=0) is None
 
 
+def test_custom_rules_setting_reaches_the_checks_and_changes_no_estimate(tmp_path, monkeypatch):
+    from scaling_abs import _second_order
+
+    swapped = []
+    original = _second_order._rule_forward
+
+    def counting(module):
+        forward = original(module)
+        if forward is not None:
+            swapped.append(module)
+        return forward
+
+    monkeypatch.setattr(_second_order, "_rule_forward", counting)
+    eigenvalues = {}
+    for setting in ("true", "false"):
+        swapped.clear()
+        kw = {"model": "cnn", "strategy": "abs", "hessian_every": 256, "hessian_custom_rules": setting}
+        run(tmp_path, setting, **kw)
+        checks = [r for r in read_metrics(tmp_path / setting) if r["kind"] == "check"]
+        eigenvalues[setting] = [c["eigenvalue"] for c in checks]
+        assert bool(swapped) == (setting == "true")
+    assert len(eigenvalues["true"]) >= 2
+    assert eigenvalues["true"] == pytest.approx(eigenvalues["false"], rel=1e-4)
+
+
 def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypatch):
     # a check at step 2, before the preemption at step 3: the checkpoint carries its eigenvector
     common = {

@@ -1,0 +1,150 @@
+"""Our second-order rules for convolutions (scaling_abs/_second_order.py):
+the same Hessian as PyTorch's rules, exactly (fp64 dense Hessians) and at fp32 rounding (ResNet-18),
+used where they should be and not elsewhere."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from scaling_abs import curvature
+from scaling_abs._second_order import second_order_rules, wanted
+from scaling_abs.curvature import cross_entropy_loss, hvp, top_eigenvalue
+from tests.test_curvature import dense_hessian, flat
+
+
+class ConvZoo(nn.Module):
+    """Every convolution shape the rules handle: 1-d, 2-d (stride, padding, dilation, groups, bias),
+    3-d, between eval-mode BatchNorms with and without affine parameters (PyTorch's rules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding=1, bias=True)
+        self.c2 = nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1, groups=2, bias=False)
+        self.c2d = nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn_plain = nn.BatchNorm2d(4, affine=False)
+        self.c3 = nn.Conv3d(1, 2, (1, 2, 2), stride=(1, 2, 1), bias=True)
+        self.head = nn.Linear(4 * 5 + 4 + 2, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x.flatten(2)[..., :5]))  # (B, 4, 5)
+        b = self.c2d(torch.relu(self.bn(self.c2(x))))  # (B, 4, 3, 3)
+        b = self.bn_plain(torch.tanh(b)).mean((2, 3))
+        c = torch.tanh(self.c3(x[:, :1].unsqueeze(1))).mean((2, 3, 4))  # (B, 2)
+        return self.head(torch.cat([a.flatten(1), b, c], 1))
+
+
+def zoo(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = ConvZoo().double()
+    model.train()
+    with torch.no_grad():  # running statistics that are not the identity
+        for _ in range(3):
+            model(torch.randn(8, 2, 5, 5, dtype=torch.float64))
+    return model.eval()
+
+
+def batch(n: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_custom_rules_give_the_dense_hessian():
+    model, data = zoo(), batch()
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(5)
+    v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    expected = dense_hessian(model, data) @ flat(v)
+    for reuse in (True, False):
+        op = curvature.HessianOperator(
+            model, cross_entropy_loss, [data], params, reuse_graph=reuse, custom_rules=True
+        )
+        with curvature.preserved_state(model):
+            got = flat(op(v))
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    stock = flat(hvp(model, cross_entropy_loss, data, v, method="double_backward", custom_rules=False))
+    torch.testing.assert_close(stock, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_rules_are_used_where_they_apply_and_nowhere_else():
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(3).eval()
+    reflect = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    same = nn.Conv2d(3, 4, 3, padding="same")
+    model = nn.ModuleList([conv, bn, reflect, same])
+
+    def name(t):
+        return type(t.grad_fn).__name__
+
+    with second_order_rules(model):
+        assert name(conv(x)) == "_ConvBackward"
+        assert name(bn(x)) == "NativeBatchNormBackward0"  # BatchNorm keeps PyTorch's rules
+        # PyTorch's own rules: other padding modes, string padding, unbatched input
+        assert name(reflect(x)) == "ConvolutionBackward0"
+        assert name(same(x)) == "ConvolutionBackward0"
+        assert type(conv(x[0]).grad_fn.next_functions[0][0]).__name__ == "ConvolutionBackward0"
+        with second_order_rules(model):  # nested: the inner exit leaves the outer's rules in place
+            assert name(conv(x)) == "_ConvBackward"
+        assert name(conv(x)) == "_ConvBackward"
+    assert name(conv(x)) == "ConvolutionBackward0"  # nothing left behind
+    assert name(bn(x)) == "NativeBatchNormBackward0"
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with second_order_rules(model, enabled=False):
+        assert name(conv(x)) == "ConvolutionBackward0"
+
+
+def test_auto_is_on_for_the_cpu_without_autocast_only_and_bad_values_raise():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert wanted("auto", cpu, None) is True
+    assert wanted("auto", cpu, torch.bfloat16) is False
+    assert wanted("auto", cuda, None) is False  # not measured on a GPU: PyTorch's rules
+    assert wanted(True, cuda, torch.bfloat16) is True
+    model, data = zoo(), batch()
+    v = [torch.ones_like(p) for p in model.parameters()]
+    with pytest.raises(ValueError, match="custom_rules"):
+        hvp(model, cross_entropy_loss, data, v, custom_rules="yes")
+    with pytest.raises(ValueError, match="custom_rules"):
+        top_eigenvalue(model, cross_entropy_loss, [data], custom_rules=1)
+
+
+def test_resnet18_fp32_products_match_pytorchs_rules():
+    # The issue's tolerance for fp32 paths: relative 1e-5 against the reference HVP.
+    from scaling_abs.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("c1", num_classes=10, in_channels=3, image_size=16).eval()
+    g = torch.Generator().manual_seed(1)
+    data = (torch.rand(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g))
+    v = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    ours = flat(hvp(model, cross_entropy_loss, data, v, custom_rules=True))
+    stock = flat(hvp(model, cross_entropy_loss, data, v, custom_rules=False))
+    assert ((ours - stock).norm() / stock.norm()).item() < 1e-5
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
+def test_custom_rules_under_activation_checkpointing_and_autocast():
+    model, data = zoo(), batch()
+    v = [torch.ones_like(p) for p in model.parameters()]
+    plain = flat(hvp(model, cross_entropy_loss, data, v, method="double_backward", custom_rules=False))
+    ckpt = flat(hvp(Checkpointed(model), cross_entropy_loss, data, v, custom_rules=True))
+    torch.testing.assert_close(ckpt, plain, rtol=1e-10, atol=1e-12)
+    # forced on under bf16 autocast: the casts happen before the saved tensors, so dtypes match
+    model32 = zoo().float()
+    x32, y = data[0].float(), data[1]
+    v32 = [torch.ones_like(p) for p in model32.parameters()]
+    full = flat(hvp(model32, cross_entropy_loss, (x32, y), v32, custom_rules=False))
+    kw = {"autocast_dtype": torch.bfloat16}
+    ours = flat(hvp(model32, cross_entropy_loss, (x32, y), v32, custom_rules=True, **kw))
+    stock = flat(hvp(model32, cross_entropy_loss, (x32, y), v32, custom_rules=False, **kw))
+    assert ours.dtype == torch.float32
+    assert (ours - full).norm() / full.norm() < 2e-2
+    assert (stock - full).norm() / full.norm() < 2e-2
