@@ -1,25 +1,29 @@
-"""Our own differentiation rules for convolutions, for gradient graphs that will be differentiated
-a second time (``create_graph=True``, then ``H v``).
+"""Our own differentiation rules for convolutions and eval-mode BatchNorm, for gradient graphs that
+will be differentiated a second time (``create_graph=True``, then ``H v``).
 
 Why: PyTorch's generic double-backward formula for a convolution computes the weight-gradient part
 as a convolution of the transposed input with the transposed output gradient (a kernel as large as
-the feature map), which is slow on the CPU. Here the first backward of ``conv(x, W)`` is written as
-two bilinear functions of the output gradient ``g`` (``dx = A(g, W)``, ``dW = B(g, x)``), each with
-its own backward made of the kernels training itself uses (a forward convolution and one output of
-``convolution_backward``). The values and both derivatives are the same functions, so the HVP is
-the same up to rounding (tests: dense fp64 Hessians to 1e-10, ResNet-18 in fp32 to 1e-5). Measured
-(``benchmarks/bench_hvp.py``, CPU, ResNet-18, 128 images): see the README. (Eval-mode BatchNorm
-written as its affine map was faster too, but kept 10 % more memory at the peak; not used.)
+the feature map), and eval-mode BatchNorm goes through ``batchnorm_double_backward``'s general
+(batch-statistics) formula; on the CPU both are slow (the latter was 58 % of a product of the small
+CNN). Here the first backward of ``conv(x, W)`` is written as two bilinear functions of the output
+gradient ``g`` (``dx = A(g, W)``, ``dW = B(g, x)``), each with its own backward made of the kernels
+training itself uses (a forward convolution and one output of ``convolution_backward``), and
+eval-mode BatchNorm is the per-channel affine map it is, ``x * s + t`` with
+``s = w / sqrt(var + eps)``, ``t = b - mean * s`` (written as a multiply and an add: ``addcmul``'s
+backward keeps a full-size copy of ``x`` in a second-order graph). The values and both derivatives
+are the same functions, so the HVP is the same up to rounding (tests: dense fp64 Hessians to 1e-10,
+ResNet-18 in fp32 to 1e-5). Measured (``benchmarks/bench_hvp.py``): see the README.
 
 Used only while :mod:`scaling_abs.curvature` builds and differentiates a gradient graph
-(:func:`second_order_rules`): the model's ``nn.Conv1d/2d/3d`` modules are redirected; anything else
-(non-zero padding modes, string padding, unbatched inputs, functional calls, transposed
-convolutions, other layers) runs PyTorch's own rules.
+(:func:`second_order_rules`): the model's ``nn.Conv1d/2d/3d`` and ``nn.BatchNorm*`` modules are
+redirected; anything else (non-zero padding modes, string padding, unbatched inputs, BatchNorm with
+batch statistics, functional calls, transposed convolutions, other layers) runs PyTorch's own rules.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -102,32 +106,67 @@ class _Conv(Function):
         return d_x, d_w, d_b, None
 
 
+def _autocast_cast(t: torch.Tensor | None, device: str) -> torch.Tensor | None:
+    """What autocast does to a convolution's argument: floating tensors other than fp64 go to its
+    dtype (cast here, so the saved tensors match the gradients' dtype)."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(torch.get_autocast_dtype(device))
+
+
 def _conv(x, w, b, conf):
     device = x.device.type
-    if torch.is_autocast_enabled(device):  # cast here, so the saved tensors match the gradients
-        dtype = torch.get_autocast_dtype(device)
-        x, w = x.to(dtype), w.to(dtype)
-        b = None if b is None else b.to(dtype)
+    if torch.is_autocast_enabled(device):
+        x, w, b = (_autocast_cast(t, device) for t in (x, w, b))
     return _Conv.apply(x, w, b, conf)
 
 
-def _rule_forward(module: nn.Module) -> Callable | None:
-    """A forward for ``module`` that builds its graph with the rules above, falling back to the
-    module's own forward where they do not apply; None for modules they never apply to."""
-    original = module.forward
+def _eval_batch_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    module._check_input_dim(x)
+    scale = torch.rsqrt(module.running_var + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    shift = -module.running_mean * scale
+    if module.bias is not None:
+        shift = shift + module.bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    out = x * scale.view(shape) + shift.view(shape)
+    return out if out.dtype == x.dtype else out.to(x.dtype)  # autocast: BatchNorm keeps its input's
+
+
+# The rules are bound to each module as an instance attribute (``types.MethodType``, so a deepcopy
+# made meanwhile rebinds to the copy). Convolutions: ``_conv_forward(input, weight, bias)``, which
+# ``nn.Conv1d/2d/3d.forward`` calls and subclasses that transform the weight (weight
+# standardisation, fake quantisation) call too; a subclass whose forward does not call it keeps
+# PyTorch's rules. BatchNorm: ``forward``, only where the class does not override it.
+def _conv_forward(self, input, weight, bias):  # noqa: A002 (the name nn.Conv2d uses)
+    base = type(self)._conv_forward
+    if self.padding_mode != "zeros" or isinstance(self.padding, str) or input.dim() != weight.dim():
+        return base(self, input, weight, bias)  # padding modes, string padding, unbatched inputs
+    return _conv(input, weight, bias, (self.stride, self.padding, self.dilation, self.groups))
+
+
+def _batch_norm_forward(self, input):  # noqa: A002
+    if self.training or self.running_mean is None or self.running_var is None:
+        return type(self).forward(self, input)  # batch statistics
+    return _eval_batch_norm(self, input)
+
+
+def _rule(module: nn.Module) -> tuple[str, Callable] | None:
+    """(attribute, method) that puts ``module`` under the rules above; None where they never apply."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        n = len(module.kernel_size)
-        conf = (module.stride, module.padding, module.dilation, module.groups)
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return None
-
-        def conv_forward(x):
-            if x.dim() != n + 2:  # unbatched input
-                return original(x)
-            return _conv(x, module.weight, module.bias, conf)
-
-        return conv_forward
+        bases = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        if any(type(module)._conv_forward is b._conv_forward for b in bases):
+            return "_conv_forward", _conv_forward
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if type(module).forward is nn.modules.batchnorm._BatchNorm.forward:
+            return "forward", _batch_norm_forward
     return None
+
+
+def _compiled(model: nn.Module) -> bool:
+    """``torch.compile``d modules trace the original methods; swapping them breaks the graph."""
+    return any(hasattr(m, "_orig_mod") for m in model.modules())
 
 
 def wanted(setting: bool | str, device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
@@ -142,21 +181,26 @@ def wanted(setting: bool | str, device: torch.device, autocast_dtype: torch.dtyp
 
 @contextlib.contextmanager
 def second_order_rules(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Inside: ``model``'s ``nn.Conv1d/2d/3d`` modules build their graphs with
-    the rules above (an instance-level ``forward``, removed on exit). Module-level rather than a
+    """Inside: ``model``'s plain ``nn.Conv1d/2d/3d`` and ``nn.BatchNorm*`` modules build their graphs
+    with the rules above (instance attributes, removed on exit). Module-level rather than a
     ``TorchFunctionMode``: non-reentrant activation checkpointing recomputes the forward during the
     backward, outside any mode, and the recomputation must save the same tensors as the forward.
-    Nested uses are harmless (a module that already has its own ``forward`` is left alone)."""
-    swapped = []
+    Nested uses are harmless (a module that already has the attribute is left alone). Not for
+    concurrent use of one model from several threads: the modules are shared, and a second caller
+    would run on whatever the first leaves in place. ``torch.compile``d models keep PyTorch's rules."""
+    swapped: list[tuple[nn.Module, str, Callable]] = []
     try:
-        for module in model.modules() if enabled else ():
-            if "forward" in module.__dict__:  # swapped by an outer use, or the user's own
-                continue
-            forward = _rule_forward(module)
-            if forward is not None:
-                module.forward = forward
-                swapped.append(module)
+        if enabled and not _compiled(model):
+            for module in model.modules():
+                rule = _rule(module)
+                if rule is None or rule[0] in module.__dict__:  # an outer use's, or the user's own
+                    continue
+                name, method = rule
+                bound = types.MethodType(method, module)
+                setattr(module, name, bound)
+                swapped.append((module, name, bound))
         yield
     finally:
-        for module in swapped:
-            del module.forward
+        for module, name, bound in swapped:
+            if module.__dict__.get(name) is bound:  # replaced meanwhile: not ours to remove
+                del module.__dict__[name]

@@ -270,7 +270,8 @@ def grad_and_hvp(
     dropping forward-over-reverse when it fails (activation checkpointing, ops without forward-mode
     rules).
 
-    ``custom_rules`` (double backward only): differentiate convolutions with our own rules (:mod:`scaling_abs._second_order`; the same HVP, each second-order convolution a
+    ``custom_rules`` (double backward only): differentiate convolutions and eval-mode BatchNorm with
+    our own rules (:mod:`scaling_abs._second_order`; the same HVP, each second-order convolution a
     kernel training uses instead of PyTorch's generic double-backward formula). ``"auto"``: on the
     CPU without autocast, where it was measured faster; PyTorch's rules elsewhere.
     """
@@ -283,7 +284,8 @@ def grad_and_hvp(
     if method == "forward_over_reverse":
         return _forward_over_reverse(*args)
     device = params[0].device
-    key = (_architecture(model), device.type, autocast_dtype)
+    rules = _second_order.wanted(custom_rules, device, autocast_dtype)
+    key = (_architecture(model), device.type, autocast_dtype, rules)
     choice = _AUTO_CHOICE.get(key)
     if choice is None and device.type == "cpu":
         # Forward-mode AD does not mix with CPU autocast, and on CPU double backward was faster for
@@ -312,10 +314,14 @@ def _architecture(model: nn.Module) -> int:
 
 
 def auto_choice(
-    model: nn.Module, device: str = "cpu", autocast_dtype: torch.dtype | None = None
+    model: nn.Module,
+    device: str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    custom_rules: bool | str = "auto",
 ) -> str | None:
     """What ``method="auto"`` settled on for this kind of model (None before its first HVP)."""
-    return _AUTO_CHOICE.get((_architecture(model), device, autocast_dtype))
+    rules = _second_order.wanted(custom_rules, torch.device(device), autocast_dtype)
+    return _AUTO_CHOICE.get((_architecture(model), device, autocast_dtype, rules))
 
 
 def _trainable(model: nn.Module, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -375,7 +381,7 @@ class HessianOperator:
     (a graph to differentiate again); ``method="forward_over_reverse"`` turns it off.
     ``sdpa_math``: products run with the math attention kernel (flash and memory-efficient attention
     have no double backward), also when the operator is used directly.
-    ``custom_rules``: our second-order rules for convolutions (see
+    ``custom_rules``: our second-order rules for convolutions and eval-mode BatchNorm (see
     :func:`grad_and_hvp`).
     """
 
@@ -627,7 +633,7 @@ def top_eigenvalue(
             ``seed``. It must be the same on every rank.
         solver: ``"power"`` (the paper's) or ``"lanczos"`` (the same products, a better estimate
             from them; keeps ``max_iter`` vectors: see :func:`_lanczos`).
-        custom_rules: our second-order rules for convolutions (the same
+        custom_rules: our second-order rules for convolutions and eval-mode BatchNorm (the same
             products, faster on the CPU; ``"auto"``: on the CPU without autocast; see
             :func:`grad_and_hvp`).
     Returns:

@@ -52,7 +52,7 @@ def test_every_fp32_hvp_path_matches_fp64(exact_fp32):
     ref = hvp(copy.deepcopy(model).double(), cross_entropy_loss, (x.double(), y), [t.double() for t in v])
     for method in ("double_backward", "forward_over_reverse", "auto"):
         assert rel(hvp(model, cross_entropy_loss, (x, y), v, method=method), ref) < 1e-5, method
-    for rules in (True, False):  # our second-order rules for convolutions, and PyTorch's
+    for rules in (True, False):  # our second-order rules for convolutions / BatchNorm, and PyTorch's
         got = hvp(model, cross_entropy_loss, (x, y), v, method="double_backward", custom_rules=rules)
         assert rel(got, ref) < 1e-5, f"custom_rules={rules}"
     whole, quarters = [(x, y)], list(zip(x.tensor_split(4), y.tensor_split(4)))

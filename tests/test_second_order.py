@@ -1,13 +1,16 @@
-"""Our second-order rules for convolutions (scaling_abs/_second_order.py):
+"""Our second-order rules for convolutions and eval-mode BatchNorm (scaling_abs/_second_order.py):
 the same Hessian as PyTorch's rules, exactly (fp64 dense Hessians) and at fp32 rounding (ResNet-18),
 used where they should be and not elsewhere."""
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scaling_abs import curvature
+from scaling_abs import _second_order, curvature
 from scaling_abs._second_order import second_order_rules, wanted
 from scaling_abs.curvature import cross_entropy_loss, hvp, top_eigenvalue
 from tests.test_curvature import dense_hessian, flat
@@ -15,10 +18,12 @@ from tests.test_curvature import dense_hessian, flat
 
 class ConvZoo(nn.Module):
     """Every convolution shape the rules handle: 1-d, 2-d (stride, padding, dilation, groups, bias),
-    3-d, between eval-mode BatchNorms with and without affine parameters (PyTorch's rules)."""
+    3-d, and eval-mode BatchNorm with and without affine parameters. A learnable input scale first,
+    so every convolution's input needs a gradient (the input-gradient rule runs everywhere)."""
 
     def __init__(self):
         super().__init__()
+        self.pre = nn.Parameter(torch.linspace(0.5, 1.5, 2).view(1, 2, 1, 1))
         self.c1 = nn.Conv1d(2, 4, 3, padding=1, bias=True)
         self.c2 = nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1, groups=2, bias=False)
         self.c2d = nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=True)
@@ -28,6 +33,7 @@ class ConvZoo(nn.Module):
         self.head = nn.Linear(4 * 5 + 4 + 2, 3)
 
     def forward(self, x):
+        x = x * self.pre
         a = torch.relu(self.c1(x.flatten(2)[..., :5]))  # (B, 4, 5)
         b = self.c2d(torch.relu(self.bn(self.c2(x))))  # (B, 4, 3, 3)
         b = self.bn_plain(torch.tanh(b)).mean((2, 3))
@@ -50,7 +56,41 @@ def batch(n: int = 6, seed: int = 1):
     return torch.randn(n, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
-def test_custom_rules_give_the_dense_hessian():
+@contextlib.contextmanager
+def spy(monkeypatch):
+    """Counts of what the rules did: convolutions built, input and weight rules differentiated,
+    BatchNorms replaced."""
+    counts = {"conv": 0, "input": 0, "weight": 0, "bn": 0}
+
+    def counting(name, cls_or_fn, attr=None):
+        if attr is None:  # a module function
+            original = cls_or_fn
+
+            def wrapped(*a, **k):
+                counts[name] += 1
+                return original(*a, **k)
+
+            return wrapped
+        original = getattr(cls_or_fn, attr)
+
+        def wrapped_static(*a, **k):
+            counts[name] += 1
+            return original(*a, **k)
+
+        return staticmethod(wrapped_static)
+
+    monkeypatch.setattr(_second_order, "_conv", counting("conv", _second_order._conv))
+    monkeypatch.setattr(_second_order, "_eval_batch_norm", counting("bn", _second_order._eval_batch_norm))
+    monkeypatch.setattr(
+        _second_order._InputGrad, "backward", counting("input", _second_order._InputGrad, "backward")
+    )
+    monkeypatch.setattr(
+        _second_order._WeightGrad, "backward", counting("weight", _second_order._WeightGrad, "backward")
+    )
+    yield counts
+
+
+def test_custom_rules_give_the_dense_hessian(monkeypatch):
     model, data = zoo(), batch()
     params = list(model.parameters())
     g = torch.Generator().manual_seed(5)
@@ -60,9 +100,11 @@ def test_custom_rules_give_the_dense_hessian():
         op = curvature.HessianOperator(
             model, cross_entropy_loss, [data], params, reuse_graph=reuse, custom_rules=True
         )
-        with curvature.preserved_state(model):
+        with spy(monkeypatch) as counts, curvature.preserved_state(model):
             got = flat(op(v))
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        # 4 convolutions built and both of their rules differentiated; 2 BatchNorms replaced
+        assert counts == {"conv": 4, "input": 4, "weight": 4, "bn": 2}, (reuse, counts)
     stock = flat(hvp(model, cross_entropy_loss, data, v, method="double_backward", custom_rules=False))
     torch.testing.assert_close(stock, expected, rtol=1e-10, atol=1e-12)
 
@@ -79,11 +121,13 @@ def test_rules_are_used_where_they_apply_and_nowhere_else():
 
     with second_order_rules(model):
         assert name(conv(x)) == "_ConvBackward"
-        assert name(bn(x)) == "NativeBatchNormBackward0"  # BatchNorm keeps PyTorch's rules
-        # PyTorch's own rules: other padding modes, string padding, unbatched input
+        assert name(bn(x)) == "AddBackward0"  # x * scale + shift
+        # PyTorch's own rules: other padding modes, string padding, unbatched input, batch statistics
         assert name(reflect(x)) == "ConvolutionBackward0"
         assert name(same(x)) == "ConvolutionBackward0"
         assert type(conv(x[0]).grad_fn.next_functions[0][0]).__name__ == "ConvolutionBackward0"
+        assert name(bn.train()(x)) == "NativeBatchNormBackward0"
+        bn.eval()
         with second_order_rules(model):  # nested: the inner exit leaves the outer's rules in place
             assert name(conv(x)) == "_ConvBackward"
         assert name(conv(x)) == "_ConvBackward"
@@ -131,7 +175,7 @@ class Checkpointed(nn.Module):
         return checkpoint(self.inner, x, use_reentrant=False)
 
 
-def test_custom_rules_under_activation_checkpointing_and_autocast():
+def test_custom_rules_under_activation_checkpointing_and_autocast(monkeypatch):
     model, data = zoo(), batch()
     v = [torch.ones_like(p) for p in model.parameters()]
     plain = flat(hvp(model, cross_entropy_loss, data, v, method="double_backward", custom_rules=False))
@@ -143,8 +187,82 @@ def test_custom_rules_under_activation_checkpointing_and_autocast():
     v32 = [torch.ones_like(p) for p in model32.parameters()]
     full = flat(hvp(model32, cross_entropy_loss, (x32, y), v32, custom_rules=False))
     kw = {"autocast_dtype": torch.bfloat16}
-    ours = flat(hvp(model32, cross_entropy_loss, (x32, y), v32, custom_rules=True, **kw))
+    with spy(monkeypatch) as counts:
+        ours = flat(hvp(model32, cross_entropy_loss, (x32, y), v32, custom_rules=True, **kw))
+    assert counts["conv"] == 4 and counts["input"] == 4
     stock = flat(hvp(model32, cross_entropy_loss, (x32, y), v32, custom_rules=False, **kw))
     assert ours.dtype == torch.float32
     assert (ours - full).norm() / full.norm() < 2e-2
     assert (stock - full).norm() / full.norm() < 2e-2
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation the timm way: its own forward around F.conv2d."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledConv(nn.Conv2d):
+    """A transformed weight through nn.Conv2d's own _conv_forward (as fake quantisation does)."""
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * 0.5, self.bias)
+
+
+class NormedBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_subclasses_keep_their_own_forward(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        StandardisedConv(2, 3, 3, padding=1),
+        nn.ReLU(),
+        ScaledConv(3, 3, 3, padding=1),
+        NormedBatchNorm(3),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 3),
+    ).double()
+    model[3].running_mean.uniform_(-1, 1)
+    model.eval()
+    x, y = batch()
+    v = [torch.randn_like(p) for p in model.parameters()]
+    with spy(monkeypatch) as counts:
+        ours = flat(hvp(model, cross_entropy_loss, (x, y), v, custom_rules=True))
+    stock = flat(hvp(model, cross_entropy_loss, (x, y), v, custom_rules=False))
+    torch.testing.assert_close(ours, stock, rtol=1e-10, atol=1e-12)
+    # only ScaledConv (through _conv_forward) runs under the rules: StandardisedConv's forward never
+    # calls _conv_forward, and NormedBatchNorm overrides the forward the rule would replace
+    assert counts["conv"] == 1 and counts["bn"] == 0
+    with second_order_rules(model):
+        assert "forward" not in model[3].__dict__ and "_conv_forward" in model[2].__dict__
+
+
+def test_fp64_stays_fp64_under_forced_rules_and_autocast():
+    model, data = zoo(), batch()
+    v = [torch.ones_like(p) for p in model.parameters()]
+    stock = flat(hvp(model, cross_entropy_loss, data, v, custom_rules=False))
+    kw = {"autocast_dtype": torch.bfloat16, "custom_rules": True}
+    torch.testing.assert_close(flat(hvp(model, cross_entropy_loss, data, v, **kw)), stock)
+
+
+def test_copies_and_compiled_models():
+    import copy
+
+    model = zoo()
+    with second_order_rules(model):
+        clone = copy.deepcopy(model)  # a copy made meanwhile is bound to itself, not to model
+    with torch.no_grad():
+        clone.c2.weight.zero_()
+    x, _ = batch()
+    assert not torch.equal(clone(x), model(x))
+    # torch.compile (eager backend: the only one with double backward) keeps PyTorch's rules
+    compiled = torch.compile(zoo(), backend="eager")
+    v = [torch.ones_like(p) for p in compiled.parameters()]
+    got = flat(hvp(compiled, cross_entropy_loss, batch(), v, custom_rules=True))
+    want = flat(hvp(zoo(), cross_entropy_loss, batch(), v, custom_rules=False))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

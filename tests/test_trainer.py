@@ -132,26 +132,22 @@ def test_lanczos_warm_started_checks_and_the_curvature_state(tmp_path):
 def test_custom_rules_setting_reaches_the_checks_and_changes_no_estimate(tmp_path, monkeypatch):
     from scaling_abs import _second_order
 
-    swapped = []
-    original = _second_order._rule_forward
-
-    def counting(module):
-        forward = original(module)
-        if forward is not None:
-            swapped.append(module)
-        return forward
-
-    monkeypatch.setattr(_second_order, "_rule_forward", counting)
+    built = []
+    original = _second_order._conv
+    monkeypatch.setattr(_second_order, "_conv", lambda *a: built.append(1) or original(*a))
     eigenvalues = {}
-    for setting in ("true", "false"):
-        swapped.clear()
-        kw = {"model": "cnn", "strategy": "abs", "hessian_every": 256, "hessian_custom_rules": setting}
-        run(tmp_path, setting, **kw)
-        checks = [r for r in read_metrics(tmp_path / setting) if r["kind"] == "check"]
-        eigenvalues[setting] = [c["eigenvalue"] for c in checks]
-        assert bool(swapped) == (setting == "true")
-    assert len(eigenvalues["true"]) >= 2
-    assert eigenvalues["true"] == pytest.approx(eigenvalues["false"], rel=1e-4)
+    # both Hessian-batch layouts: one micro-batch (graph kept across products) and two (fresh graphs)
+    for samples in (64, 128):
+        for setting in ("true", "false"):
+            built.clear()
+            name = f"{setting}{samples}"
+            kw = {"model": "cnn", "strategy": "abs", "hessian_every": 256, "hessian_samples": samples}
+            run(tmp_path, name, hessian_custom_rules=setting, **kw)
+            checks = [r for r in read_metrics(tmp_path / name) if r["kind"] == "check"]
+            eigenvalues[name] = [c["eigenvalue"] for c in checks]
+            assert bool(built) == (setting == "true"), name
+        assert len(eigenvalues[f"true{samples}"]) >= 2
+        assert eigenvalues[f"true{samples}"] == pytest.approx(eigenvalues[f"false{samples}"], rel=1e-4)
 
 
 def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypatch):
