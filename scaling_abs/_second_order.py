@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,6 +33,9 @@ from torch import nn
 from torch.autograd import Function
 
 _FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# Modules under the rules right now: a copy made during a check carries the bound methods along
+# (rebound to itself by deepcopy) but is not in here, so it keeps PyTorch's rules.
+_ACTIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 def _conv_backward(g, x, w, conf, which: int) -> torch.Tensor:
@@ -139,16 +143,33 @@ def _eval_batch_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ``nn.Conv1d/2d/3d.forward`` calls and subclasses that transform the weight (weight
 # standardisation, fake quantisation) call too; a subclass whose forward does not call it keeps
 # PyTorch's rules. BatchNorm: ``forward``, only where the class does not override it.
+def _inactive(module: nn.Module) -> bool:
+    """PyTorch's rules for this call: the module is not under a check (a copy), or a ``torch.func``
+    transform is running (our Functions have no functorch rules)."""
+    return module not in _ACTIVE or torch._C._are_functorch_transforms_active()
+
+
 def _conv_forward(self, input, weight, bias):  # noqa: A002 (the name nn.Conv2d uses)
     base = type(self)._conv_forward
-    if self.padding_mode != "zeros" or isinstance(self.padding, str) or input.dim() != weight.dim():
+    if (
+        _inactive(self)
+        or self.padding_mode != "zeros"
+        or isinstance(self.padding, str)
+        or input.dim() != weight.dim()
+    ):
         return base(self, input, weight, bias)  # padding modes, string padding, unbatched inputs
     return _conv(input, weight, bias, (self.stride, self.padding, self.dilation, self.groups))
 
 
 def _batch_norm_forward(self, input):  # noqa: A002
-    if self.training or self.running_mean is None or self.running_var is None:
-        return type(self).forward(self, input)  # batch statistics
+    if (
+        _inactive(self)
+        or self.training
+        or self.running_mean is None
+        or self.running_var is None
+        or input.dtype not in (torch.float32, torch.float64)  # s and t would lose precision
+    ):
+        return type(self).forward(self, input)  # batch statistics, half precision
     return _eval_batch_norm(self, input)
 
 
@@ -165,8 +186,12 @@ def _rule(module: nn.Module) -> tuple[str, Callable] | None:
 
 
 def _compiled(model: nn.Module) -> bool:
-    """``torch.compile``d modules trace the original methods; swapping them breaks the graph."""
-    return any(hasattr(m, "_orig_mod") for m in model.modules())
+    """``torch.compile``d modules trace the original methods; swapping them breaks the graph.
+    ``torch.compile(model)`` wraps (``_orig_mod``); ``model.compile()`` sets ``_compiled_call_impl``."""
+    return any(
+        hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
 
 
 def wanted(setting: bool | str, device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
@@ -187,7 +212,9 @@ def second_order_rules(model: nn.Module, enabled: bool = True) -> Iterator[None]
     backward, outside any mode, and the recomputation must save the same tensors as the forward.
     Nested uses are harmless (a module that already has the attribute is left alone). Not for
     concurrent use of one model from several threads: the modules are shared, and a second caller
-    would run on whatever the first leaves in place. ``torch.compile``d models keep PyTorch's rules."""
+    would run on whatever the first leaves in place. ``torch.compile``d models keep PyTorch's rules,
+    and so do ``torch.func`` transforms run inside a check and copies made during one (a deepcopy
+    keeps inert attributes; a shallow copy's BatchNorm would still read the original's parameters)."""
     swapped: list[tuple[nn.Module, str, Callable]] = []
     try:
         if enabled and not _compiled(model):
@@ -199,8 +226,10 @@ def second_order_rules(model: nn.Module, enabled: bool = True) -> Iterator[None]
                 bound = types.MethodType(method, module)
                 setattr(module, name, bound)
                 swapped.append((module, name, bound))
+                _ACTIVE.add(module)
         yield
     finally:
         for module, name, bound in swapped:
+            _ACTIVE.discard(module)
             if module.__dict__.get(name) is bound:  # replaced meanwhile: not ours to remove
                 del module.__dict__[name]

@@ -260,9 +260,39 @@ def test_copies_and_compiled_models():
         clone.c2.weight.zero_()
     x, _ = batch()
     assert not torch.equal(clone(x), model(x))
+    # ... and its leftover attributes are inert: PyTorch's rules, within a check of model or not
+    assert "_conv_forward" in clone.c2.__dict__
+    assert type(clone.c2(x).grad_fn).__name__ == "ConvolutionBackward0"
+    with second_order_rules(model):
+        assert type(clone.c2(x).grad_fn).__name__ == "ConvolutionBackward0"
+        assert type(model.c2(x).grad_fn).__name__ == "_ConvBackward"
     # torch.compile (eager backend: the only one with double backward) keeps PyTorch's rules
-    compiled = torch.compile(zoo(), backend="eager")
-    v = [torch.ones_like(p) for p in compiled.parameters()]
-    got = flat(hvp(compiled, cross_entropy_loss, batch(), v, custom_rules=True))
-    want = flat(hvp(zoo(), cross_entropy_loss, batch(), v, custom_rules=False))
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    want = None
+    for compiled in (torch.compile(zoo(), backend="eager"), zoo()):
+        if want is None:
+            v = [torch.ones_like(p) for p in compiled.parameters()]
+            want = flat(hvp(zoo(), cross_entropy_loss, batch(), v, custom_rules=False))
+        else:
+            compiled.compile(backend="eager")  # in place: no wrapper, the module itself is compiled
+        got = flat(hvp(compiled, cross_entropy_loss, batch(), v, custom_rules=True))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_func_transforms_and_half_precision_keep_pytorchs_rules():
+    from torch.func import functional_call, vmap
+
+    model = zoo()
+    x, _ = batch()
+    params = {n: p.detach().unsqueeze(0).repeat(2, *[1] * p.dim()) for n, p in model.named_parameters()}
+    plain = vmap(lambda p: functional_call(model, p, (x,)))(params)
+    with second_order_rules(model):  # a vmapped ensemble inside a check: no functorch rules needed
+        inside = vmap(lambda p: functional_call(model, p, (x,)))(params)
+    torch.testing.assert_close(inside, plain)
+    # fp16 BatchNorm: s and t in fp16 would overflow here (x * s); PyTorch's kernel computes in fp32
+    bn = nn.BatchNorm1d(1).eval().half()
+    bn.running_mean.fill_(300.0)
+    bn.running_var.fill_(1e-6)
+    x16 = torch.full((2, 1), 300.5, dtype=torch.float16)
+    with second_order_rules(bn):
+        out = bn(x16)
+    assert torch.isfinite(out).all() and torch.equal(out, bn(x16))
