@@ -153,8 +153,20 @@ def _build(name: str, device: torch.device, batch: int = 0):
     return model, (x, y)
 
 
+RULE_VARIANTS = {"_stock": {"custom_rules": False}, "_rules": {"custom_rules": True}}
+
+
+def _rule_variant(what: str) -> tuple[str, dict]:
+    """``"hvp_reused_stock"`` -> ``("hvp_reused", {"custom_rules": False})``; others as they are."""
+    for suffix, kw in RULE_VARIANTS.items():
+        if what.endswith(suffix):
+            return what[: -len(suffix)], kw
+    return what, {}
+
+
 def _calls(what: str, model: nn.Module, batch, device):
     """(warm-up call, timed call) for one measurement."""
+    what, rules = _rule_variant(what)
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(2)
     v = [torch.randn(p.shape, generator=g).to(device) for p in params]
@@ -175,7 +187,6 @@ def _calls(what: str, model: nn.Module, batch, device):
         return train_step, train_step
     hvp_kwargs = {
         "hvp_double_backward": {"method": "double_backward"},
-        "hvp_double_backward_stock": {"method": "double_backward", "custom_rules": False},
         "hvp_checkpointed": {"method": "double_backward"},
         "hvp_forward_over_reverse": {"method": "forward_over_reverse"},
         "hvp_bf16": {"method": "double_backward", "autocast_dtype": torch.bfloat16},
@@ -185,7 +196,7 @@ def _calls(what: str, model: nn.Module, batch, device):
             raise RuntimeError("no blocks to checkpoint in this model")
 
         def one_hvp():
-            return hvp(model, cross_entropy_loss, batch, v, **hvp_kwargs[what])
+            return hvp(model, cross_entropy_loss, batch, v, **hvp_kwargs[what], **rules)
 
         return one_hvp, one_hvp
     if what == "hvp_compiled":
@@ -204,17 +215,11 @@ def _calls(what: str, model: nn.Module, batch, device):
             return list(compiled(primals, tangents).values())
 
         return call, call
-    if what in ("hvp_reused", "hvp_reused_stock", "hvp_reused_rules"):
-        rules = {"hvp_reused": {}, "hvp_reused_stock": {"custom_rules": False}}.get(
-            what, {"custom_rules": True}
-        )
+    if what == "hvp_reused":
         op = HessianOperator(model, cross_entropy_loss, [batch], params, reuse_graph=True, **rules)
         return (lambda: op(v)), (lambda: op(v))  # the warm-up builds the graph
     if what == "eig_ours":
-        return eig(1), eig(ITERS)
-    if what in ("eig_ours_stock", "eig_ours_rules"):
-        rules = what == "eig_ours_rules"
-        return eig(1, custom_rules=rules), eig(ITERS, custom_rules=rules)
+        return eig(1, **rules), eig(ITERS, **rules)
     if what == "eig_ours_fresh":
         return eig(1, reuse_graph=False), eig(ITERS, reuse_graph=False)
     if what == "eig_ours_micro4":

@@ -309,16 +309,9 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     _check(
         cfg.hessian_micro_batch_size >= 0, "hessian_micro_batch_size", "must be >= 0 (0 = micro_batch_size)"
     )
-    _check(
-        cfg.hessian_reuse_graph in ("auto", "true", "false"),
-        "hessian_reuse_graph",
-        f"expected auto, true or false, got {cfg.hessian_reuse_graph!r}",
-    )
-    _check(
-        cfg.hessian_custom_rules in ("auto", "true", "false"),
-        "hessian_custom_rules",
-        f"expected auto, true or false, got {cfg.hessian_custom_rules!r}",
-    )
+    for key in ("hessian_reuse_graph", "hessian_custom_rules"):
+        value = getattr(cfg, key)
+        _check(value in ("auto", "true", "false"), key, f"expected auto, true or false, got {value!r}")
     block = cfg.hessian_block
     _check(
         block == "all" or (block.startswith("last:") and block[5:].isdigit() and int(block[5:]) > 0),

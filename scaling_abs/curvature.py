@@ -175,12 +175,6 @@ def _gradient_graph(model, loss_fn, batch, params, autocast_dtype) -> tuple[tupl
     return grads, scale
 
 
-def _rules(model, params, autocast_dtype, custom_rules):
-    """The context both passes of a double-backward HVP run in (see :func:`grad_and_hvp`)."""
-    enabled = _second_order.wanted(custom_rules, params[0].device, autocast_dtype)
-    return _second_order.second_order_rules(model, enabled)
-
-
 def _hvp_from_graph(grads, params, vector, scale, *, retain_graph: bool) -> list[torch.Tensor]:
     """``H v`` as the vector-Jacobian product of the gradient with ``v``: one reverse pass through the
     gradient's graph (``grad(<g, v>)`` without building the dot product); fp32 (fp64 stays)."""
@@ -203,8 +197,9 @@ def _hvp_from_graph(grads, params, vector, scale, *, retain_graph: bool) -> list
     return out
 
 
-def _double_backward(model, loss_fn, batch, params, vector, autocast_dtype, custom_rules="auto"):
-    with _rules(model, params, autocast_dtype, custom_rules):
+def _double_backward(model, loss_fn, batch, params, vector, autocast_dtype, rules: bool):
+    """Both passes under our second-order rules when ``rules`` (see :func:`grad_and_hvp`)."""
+    with _second_order.second_order_rules(model, rules):
         grads, scale = _gradient_graph(model, loss_fn, batch, params, autocast_dtype)
         out_g = [_zeros(p) if g is None else _acc(g.detach()) / scale for p, g in zip(params, grads)]
         return out_g, _hvp_from_graph(grads, params, vector, scale, retain_graph=False)
@@ -277,14 +272,13 @@ def grad_and_hvp(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _second_order.wanted(custom_rules, params[0].device, autocast_dtype)  # a bad value fails here
+    device = params[0].device
+    rules = _second_order.wanted(custom_rules, device, autocast_dtype)  # a bad value fails here
     args = (model, loss_fn, batch, params, vector, autocast_dtype)
     if method == "double_backward":
-        return _double_backward(*args, custom_rules)
+        return _double_backward(*args, rules)
     if method == "forward_over_reverse":
         return _forward_over_reverse(*args)
-    device = params[0].device
-    rules = _second_order.wanted(custom_rules, device, autocast_dtype)
     key = (_architecture(model), device.type, autocast_dtype, rules)
     choice = _AUTO_CHOICE.get(key)
     if choice is None and device.type == "cpu":
@@ -293,7 +287,7 @@ def grad_and_hvp(
         # ~2 s first-call set-up.
         choice = _AUTO_CHOICE[key] = "double_backward"
     if choice == "double_backward":
-        return _double_backward(*args, custom_rules)
+        return _double_backward(*args, rules)
     if choice == "forward_over_reverse":
         return _forward_over_reverse(*args)
     try:  # first call for this kind of model: time both (the second run of each, after warm-up)
@@ -301,9 +295,9 @@ def grad_and_hvp(
         t_for, out_for = _timed(_forward_over_reverse, *args)
     except Exception:
         _AUTO_CHOICE[key] = "double_backward"
-        return _double_backward(*args, custom_rules)
-    _double_backward(*args, custom_rules)
-    t_db, out_db = _timed(_double_backward, *args, custom_rules)
+        return _double_backward(*args, rules)
+    _double_backward(*args, rules)
+    t_db, out_db = _timed(_double_backward, *args, rules)
     _AUTO_CHOICE[key] = "forward_over_reverse" if t_for < t_db else "double_backward"
     return out_for if t_for < t_db else out_db
 
@@ -403,8 +397,8 @@ class HessianOperator:
         self.model, self.loss_fn, self.params = model, loss_fn, list(params)
         self.batches = list(batches)
         self.method, self.autocast_dtype, self.sdpa_math = method, autocast_dtype, sdpa_math
-        _second_order.wanted(custom_rules, torch.device("cpu"), None)  # a bad value fails here
-        self.custom_rules = custom_rules
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.custom_rules = _second_order.wanted(custom_rules, device, autocast_dtype)  # resolved
         sizes = [_batch_size(b) for b in self.batches]
         self.samples = int(distributed.all_reduce_sum(float(sum(sizes))))
         if self.samples == 0:
@@ -440,8 +434,7 @@ class HessianOperator:
         total = [_zeros(p) for p in self.params]
         # Kept graphs: built and differentiated under the same rules (a checkpointed forward is
         # recomputed in either pass); fresh products set them up themselves (_double_backward).
-        setting = self.custom_rules if self.reuse_graph else False
-        rules = _rules(self.model, self.params, self.autocast_dtype, setting)
+        rules = _second_order.second_order_rules(self.model, self.custom_rules and self.reuse_graph)
         with _math_sdpa(self.sdpa_math), rules:  # also when used directly, not only under top_eigenvalue
             for i, w in enumerate(self.weights):
                 for t, x in zip(total, self._hvp(i, vector)):
