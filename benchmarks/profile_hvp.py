@@ -1,8 +1,9 @@
-"""Where a kept-graph HVP spends its time: ``torch.profiler`` over one product on ResNet-18 (CPU),
-the convolution kernels grouped by input shape, with our second-order rules for convolutions and
-with PyTorch's.
+"""Where a kept-graph HVP spends its time: ``torch.profiler`` over one product (CPU), with our
+second-order rules and with PyTorch's: the autograd nodes with the largest share of the product,
+then the convolution kernels grouped by input shape.
 
-    .venv/bin/python benchmarks/profile_hvp.py --batch 32
+    .venv/bin/python benchmarks/profile_hvp.py --batch 32               # ResNet-18
+    .venv/bin/python benchmarks/profile_hvp.py --model cnn --batch 512  # the embedded default's check
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def main() -> None:
         events = prof.key_averages(group_by_input_shape=True)
         total = sum(e.self_cpu_time_total for e in events) / 1e3
         print(f"\n== custom_rules={rules}: one product, {total:.0f} ms of self CPU time")
+        nodes = [
+            e
+            for e in prof.key_averages()
+            if e.key.endswith(("Backward0", "Backward1", "Backward")) and not e.key.startswith("autograd::")
+        ]
+        for e in sorted(nodes, key=lambda e: -e.cpu_time_total)[:5]:
+            share = e.cpu_time_total / 1e3 / total
+            print(f"{e.key:40s} calls {e.count:3d}  total {e.cpu_time_total / 1e3:7.1f} ms  ({share:.0%})")
         rows = sorted((e for e in events if e.key in KERNELS), key=lambda e: -e.self_cpu_time_total)
         for e in rows[: args.rows]:
             shapes = [s for s in e.input_shapes if s][:3]

@@ -4,8 +4,8 @@ will be differentiated a second time (``create_graph=True``, then ``H v``).
 Why: PyTorch's generic double-backward formula for a convolution computes the weight-gradient part
 as a convolution of the transposed input with the transposed output gradient (a kernel as large as
 the feature map), and eval-mode BatchNorm goes through ``batchnorm_double_backward``'s general
-(batch-statistics) formula; on the CPU both are slow (the latter was 58 % of a product of the small
-CNN). Here the first backward of ``conv(x, W)`` is written as two bilinear functions of the output
+(batch-statistics) formula; on the CPU both are slow (the latter took 41 % of a product of the
+small CNN: ``benchmarks/profile_hvp.py --model cnn --batch 512``). Here the first backward of ``conv(x, W)`` is written as two bilinear functions of the output
 gradient ``g`` (``dx = A(g, W)``, ``dW = B(g, x)``), each with its own backward made of the kernels
 training itself uses (a forward convolution and one output of ``convolution_backward``), and
 eval-mode BatchNorm is the per-channel affine map it is, ``x * s + t`` with
