@@ -6,13 +6,17 @@
 #   3. the c1 preset (ResNet-18, one check of 4096 images per epoch) trained on Fashion-MNIST for
 #      EPOCHS epochs, fp32 and bf16: the curvature share of wall time in a real run
 #   4. bench_hvp.py on the other models, and ResNet-18 at a Hessian batch of 1024
-# STAGES picks some (default: tests accuracy bench_c1 train bench_small bench_c1_1024), PRECISIONS
-# the training runs' (default: no bf16). Everything lands in $OUT/gpu ($OUT defaults to
-# /tmp/gpu_checks) and, after each stage, in $OUT/gpu_results.tar.gz. A failed stage does not stop
-# the next one.
+#   5. demo: the embedded default (`scaling-abs train`, no settings) on the GPU
+# STAGES picks some (default: tests accuracy bench_c1 train bench_small bench_c1_1024 demo),
+# PRECISIONS the training runs' (default: no bf16), ACC_MODELS the accuracy stage's models (default:
+# c1 vit_tiny cnn), C1_MEASUREMENTS the bench_c1 stage's rows (default: all of them; eig_pyhessian
+# needs the pyhessian wheel), STAGE_TIMEOUT the seconds one stage may take (default 600).
+# Everything lands in $OUT/gpu ($OUT defaults to /tmp/gpu_checks) and, after each stage, in
+# $OUT/gpu_results.tar.gz (or PACK_TO). A failed or timed-out stage does not stop the next one.
 #
 #   OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/gpu_checks.sh
 #   STAGES='tests train' PRECISIONS=no bash benchmarks/gpu_checks.sh
+#   STAGES='bench_c1' C1_MEASUREMENTS='train_step hvp_reused hvp_reused_rules' bash benchmarks/gpu_checks.sh
 set -u
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
@@ -31,10 +35,15 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT/gpu"
 R=$OUT/gpu
 
-STAGES=" ${STAGES:-tests accuracy bench_c1 train bench_small bench_c1_1024} "
+STAGES=" ${STAGES:-tests accuracy bench_c1 train bench_small bench_c1_1024 demo} "
 PRECISIONS=${PRECISIONS:-no bf16}
+ACC_MODELS=${ACC_MODELS:-c1 vit_tiny cnn}
+C1_MEASUREMENTS=${C1_MEASUREMENTS:-train_step hvp_double_backward hvp_double_backward_stock \
+  hvp_forward_over_reverse hvp_bf16 hvp_checkpointed hvp_reused hvp_reused_rules eig_ours eig_ours_rules \
+  eig_ours_fresh eig_ours_micro4 eig_ours_lanczos eig_ours_bf16 eig_ours_checkpointed eig_classic eig_pyhessian}
+T="timeout ${STAGE_TIMEOUT:-600}"
 want() { [[ $STAGES == *" $1 "* ]]; }
-pack() { tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" gpu; }
+pack() { tar -czf "${PACK_TO:-$OUT/gpu_results.tar.gz}" -C "$OUT" gpu; }
 stage() { echo "=== $(date +%T) $*"; }
 
 stage machine
@@ -45,23 +54,22 @@ pack
 
 if want tests; then
 stage "tests marked gpu"
-$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$R/tests_gpu.log"
+$T $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$R/tests_gpu.log"
 pack
 fi
 
 if want accuracy; then
 stage accuracy
-$PY benchmarks/bench_hvp_accuracy.py --models c1 vit_tiny cnn --out "$R/bench_hvp_accuracy_cuda.json" 2>&1 \
+$T $PY benchmarks/bench_hvp_accuracy.py --models $ACC_MODELS --out "$R/bench_hvp_accuracy_cuda.json" 2>&1 \
   | grep --line-buffered -v -i warning | tee "$R/accuracy.log"
 pack
 fi
 
 if want bench_c1; then
 stage bench_hvp c1 128
-$PY benchmarks/bench_hvp.py --models c1 --runs 5 --child-timeout 120 --out "$R/bench_hvp_cuda_c1.json" \
-  --measurements train_step hvp_double_backward hvp_forward_over_reverse hvp_bf16 hvp_checkpointed \
-  hvp_reused eig_ours eig_ours_fresh eig_ours_micro4 eig_ours_lanczos eig_ours_bf16 eig_ours_checkpointed \
-  eig_classic eig_pyhessian 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_c1.log"
+# shellcheck disable=SC2086  # the lists are meant to split
+$T $PY benchmarks/bench_hvp.py --models c1 --runs 5 --child-timeout 120 --out "$R/bench_hvp_cuda_c1.json" \
+  --measurements $C1_MEASUREMENTS 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_c1.log"
 pack
 fi
 
@@ -69,8 +77,8 @@ if want train; then
 for mp in $PRECISIONS; do
   stage "train c1 preset on fashion_mnist, mixed_precision=$mp"
   rm -rf "/tmp/c1_$mp"
-  $PY -m scaling_abs train --config c1 dataset=fashion_mnist "data_dir=$FMNIST_DIR" "epochs=$EPOCHS" \
-    "mixed_precision=$mp" "output_dir=/tmp/c1_$mp" 2>&1 | grep --line-buffered -v -i warning | tail -12 | tee "$R/train_c1_$mp.log"
+  $T $PY -m scaling_abs train --config c1 dataset=fashion_mnist "data_dir=$FMNIST_DIR" "epochs=$EPOCHS" \
+    "mixed_precision=$mp" "output_dir=/tmp/c1_$mp" progress=false 2>&1 | grep --line-buffered -v -i warning | tail -12 | tee "$R/train_c1_$mp.log"
   cp "/tmp/c1_$mp/summary.json" "$R/train_c1_${mp}_summary.json"
   grep -v '"kind": "step"' "/tmp/c1_$mp/metrics.jsonl" > "$R/train_c1_${mp}_checks.jsonl"  # checks and evaluations
   pack
@@ -79,7 +87,7 @@ fi
 
 if want bench_small; then
 stage bench_hvp other models
-$PY benchmarks/bench_hvp.py --models mlp cnn vit_tiny --runs 5 --child-timeout 60 --out "$R/bench_hvp_cuda_small.json" \
+$T $PY benchmarks/bench_hvp.py --models mlp cnn vit_tiny --runs 5 --child-timeout 60 --out "$R/bench_hvp_cuda_small.json" \
   --measurements train_step hvp_double_backward hvp_forward_over_reverse hvp_reused hvp_bf16 hvp_checkpointed \
   eig_ours eig_ours_bf16 eig_classic 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_small.log"
 pack
@@ -87,9 +95,18 @@ fi
 
 if want bench_c1_1024; then
 stage bench_hvp c1 1024
-$PY benchmarks/bench_hvp.py --models c1 --batch 1024 --runs 3 --child-timeout 120 --out "$R/bench_hvp_cuda_c1_1024.json" \
+$T $PY benchmarks/bench_hvp.py --models c1 --batch 1024 --runs 3 --child-timeout 120 --out "$R/bench_hvp_cuda_c1_1024.json" \
   --measurements train_step hvp_reused hvp_checkpointed hvp_bf16 eig_ours eig_ours_bf16 eig_ours_checkpointed \
   eig_classic hvp_compiled 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_c1_1024.log"
+pack
+fi
+if want demo; then
+stage "demo: the embedded default (scaling-abs train, no settings) on the GPU"
+rm -rf /tmp/demo_gpu
+$T $PY -m scaling_abs train "data_dir=$FMNIST_DIR" output_dir=/tmp/demo_gpu progress=false 2>&1 \
+  | grep --line-buffered -v -i warning | tail -12 | tee "$R/demo.log"
+cp /tmp/demo_gpu/summary.json "$R/demo_summary.json"
+grep -v '"kind": "step"' /tmp/demo_gpu/metrics.jsonl > "$R/demo_checks.jsonl"
 pack
 fi
 stage done
