@@ -19,15 +19,16 @@ excepted: its estimate after 10 products is closer to the top).
 Measurements (all on the same model, batch and vector, BatchNorm in eval mode as the paper's code):
   train_step               forward + backward in train mode (what one SGD step costs, optimizer aside)
   hvp_double_backward      one HVP from scratch: forward, backward with create_graph, backward again
-  hvp_double_backward_stock  the same with PyTorch's own second-order rules (custom_rules=False; on
-                           the CPU the defaults use ours for convolutions and eval-mode BatchNorm)
+  hvp_double_backward_stock  the same with PyTorch's own second-order rules (custom_rules=False; in
+                           fp32 the defaults use ours for convolutions and eval-mode BatchNorm)
   hvp_forward_over_reverse one HVP from scratch by torch.func.jvp of torch.func.grad
   hvp_bf16                 hvp_double_backward under bf16 autocast (fp32 vectors)
+  hvp_bf16_stock / _rules  the same with PyTorch's rules / ours forced on (the default under autocast:
+                           PyTorch's)
   hvp_checkpointed         hvp_double_backward with non-reentrant activation checkpointing per block
   hvp_reused               one HVP on a kept gradient graph (what each power iteration costs when reused)
   hvp_reused_stock         the same with PyTorch's own second-order rules (custom_rules=False)
-  hvp_reused_rules         the same with ours forced on (custom_rules=True: the CPU default; on a GPU,
-                           where the default is PyTorch's rules, this row measures ours)
+  hvp_reused_rules         the same with ours forced on (custom_rules=True; the default in fp32)
   hvp_compiled             torch.compile of the forward-over-reverse HVP (warm-up = compilation, in warmup_s)
   eig_ours                 top_eigenvalue with its defaults (one micro-batch: the graph is reused)
   eig_ours_stock           eig_ours with PyTorch's own second-order rules (custom_rules=False)
@@ -37,6 +38,7 @@ Measurements (all on the same model, batch and vector, BatchNorm in eval mode as
   eig_ours_lanczos         top_eigenvalue, solver="lanczos": the same 10 products plus reorthogonalisation
                            (its value is the top Ritz value, so it differs from the power iteration's)
   eig_ours_bf16            top_eigenvalue under bf16 autocast (fp32 vectors and reductions), graph reused
+  eig_ours_bf16_stock / _rules  the same with PyTorch's rules / ours forced on
   eig_ours_checkpointed    top_eigenvalue with every block checkpointed (non-reentrant), graph reused
   eig_classic              PyHessian's algorithm, written here (one graph, differentiated 10 times)
   eig_pyhessian            the pyhessian package (pip install pyhessian), when installed
@@ -81,6 +83,8 @@ MEASUREMENTS = [
     "hvp_double_backward_stock",
     "hvp_forward_over_reverse",
     "hvp_bf16",
+    "hvp_bf16_stock",
+    "hvp_bf16_rules",
     "hvp_checkpointed",
     "hvp_reused",
     "hvp_reused_stock",
@@ -93,6 +97,8 @@ MEASUREMENTS = [
     "eig_ours_micro4",
     "eig_ours_lanczos",
     "eig_ours_bf16",
+    "eig_ours_bf16_stock",
+    "eig_ours_bf16_rules",
     "eig_ours_checkpointed",
     "eig_classic",
     "eig_pyhessian",
@@ -227,7 +233,8 @@ def _calls(what: str, model: nn.Module, batch, device):
     if what == "eig_ours_lanczos":
         return eig(1, solver="lanczos"), eig(ITERS, solver="lanczos")
     if what == "eig_ours_bf16":
-        return eig(1, autocast_dtype=torch.bfloat16), eig(ITERS, autocast_dtype=torch.bfloat16)
+        bf16 = {"autocast_dtype": torch.bfloat16, **rules}
+        return eig(1, **bf16), eig(ITERS, **bf16)
     if what == "eig_ours_checkpointed":
         if checkpoint_blocks(model) == 0:
             raise RuntimeError("no blocks to checkpoint in this model")
@@ -315,7 +322,7 @@ def _ratio_rows(results: list[dict]) -> list[str]:
                 t = get(m)["median_s"] / classic["median_s"]
                 mem = get(m)["peak_mem_bytes"] / max(classic["peak_mem_bytes"], 1)
                 row = f"{model:9s} {m:26s} time {t:5.2f}x classic   peak memory {mem:5.2f}x classic"
-                if m in ("eig_ours_bf16", "eig_ours_checkpointed") and fp32 and fp32.get("value"):
+                if m.startswith(("eig_ours_bf16", "eig_ours_checkpointed")) and fp32 and fp32.get("value"):
                     row += f"   eigenvalue {get(m)['value'] / fp32['value'] - 1:+.2%} vs fp32"
                 rows.append(row)
         for m in (
@@ -327,6 +334,8 @@ def _ratio_rows(results: list[dict]) -> list[str]:
             "hvp_reused_rules",
             "hvp_compiled",
             "hvp_bf16",
+            "hvp_bf16_stock",
+            "hvp_bf16_rules",
         ):
             if step and get(m):
                 rows.append(

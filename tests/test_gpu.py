@@ -63,9 +63,10 @@ def test_every_fp32_hvp_path_matches_fp64(exact_fp32):
             assert rel(op(v), ref) < 1e-5, f"reuse_graph={reuse}"
 
 
-def test_bf16_eigenvalue_within_2_percent_of_fp32(exact_fp32):
+@pytest.mark.parametrize("rules", [True, False], ids=["our_rules", "pytorch_rules"])
+def test_bf16_eigenvalue_within_2_percent_of_fp32(exact_fp32, rules):
     model, batch = cnn_and_batch(128)
-    kw = {"max_iter": 10, "tol": 0.0, "seed": 0}
+    kw = {"max_iter": 10, "tol": 0.0, "seed": 0, "custom_rules": rules}
     fp32 = top_eigenvalue(model, cross_entropy_loss, [batch], **kw)
     bf16 = top_eigenvalue(model, cross_entropy_loss, [batch], autocast_dtype=torch.bfloat16, **kw)
     assert fp32.finite and bf16.finite
