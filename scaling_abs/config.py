@@ -79,7 +79,7 @@ class TrainConfig:
     )
     hessian_custom_rules: str = _f(
         "auto",
-        "our second-order rules for convolutions and eval BatchNorm: auto (CPU without autocast) | true | false",
+        "our second-order rules for convolutions and eval BatchNorm: auto (CPU or CUDA, no autocast) | true | false",
     )
     hessian_solver: str = _f("power", "eigenvalue solver of a check: power (the paper's) | lanczos")
     hessian_warm_start: bool = _f(
