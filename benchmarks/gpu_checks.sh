@@ -9,8 +9,9 @@
 #   5. demo: the embedded default (`scaling-abs train`, no settings) on the GPU
 # STAGES picks some (default: tests accuracy bench_c1 train bench_small bench_c1_1024 demo),
 # PRECISIONS the training runs' (default: no bf16), ACC_MODELS the accuracy stage's models (default:
-# c1 vit_tiny cnn), C1_MEASUREMENTS the bench_c1 stage's rows (default: all of them; eig_pyhessian
-# needs the pyhessian wheel), STAGE_TIMEOUT the seconds one stage may take (default 600).
+# c1 vit_tiny cnn), C1_MEASUREMENTS, SMALL_MEASUREMENTS and C1_1024_MEASUREMENTS the bench stages'
+# rows (eig_pyhessian needs the pyhessian wheel), STAGE_TIMEOUT the seconds one stage may take
+# (default 600).
 # Everything lands in $OUT/gpu ($OUT defaults to /tmp/gpu_checks) and, after each stage, in
 # $OUT/gpu_results.tar.gz (or PACK_TO). A failed or timed-out stage does not stop the next one.
 #
@@ -41,6 +42,11 @@ ACC_MODELS=${ACC_MODELS:-c1 vit_tiny cnn}
 C1_MEASUREMENTS=${C1_MEASUREMENTS:-train_step hvp_double_backward hvp_double_backward_stock \
   hvp_forward_over_reverse hvp_bf16 hvp_checkpointed hvp_reused hvp_reused_rules eig_ours eig_ours_rules \
   eig_ours_fresh eig_ours_micro4 eig_ours_lanczos eig_ours_bf16 eig_ours_checkpointed eig_classic eig_pyhessian}
+SMALL_MEASUREMENTS=${SMALL_MEASUREMENTS:-train_step hvp_double_backward hvp_double_backward_stock \
+  hvp_forward_over_reverse hvp_reused hvp_reused_stock hvp_bf16 hvp_checkpointed eig_ours eig_ours_stock \
+  eig_ours_bf16 eig_classic}
+C1_1024_MEASUREMENTS=${C1_1024_MEASUREMENTS:-train_step hvp_reused hvp_reused_stock hvp_checkpointed hvp_bf16 \
+  eig_ours eig_ours_stock eig_ours_bf16 eig_ours_bf16_rules eig_ours_checkpointed eig_classic hvp_compiled}
 T="timeout ${STAGE_TIMEOUT:-600}"
 want() { [[ $STAGES == *" $1 "* ]]; }
 pack() { tar -czf "${PACK_TO:-$OUT/gpu_results.tar.gz}" -C "$OUT" gpu; }
@@ -87,17 +93,17 @@ fi
 
 if want bench_small; then
 stage bench_hvp other models
+# shellcheck disable=SC2086
 $T $PY benchmarks/bench_hvp.py --models mlp cnn vit_tiny --runs 5 --child-timeout 60 --out "$R/bench_hvp_cuda_small.json" \
-  --measurements train_step hvp_double_backward hvp_forward_over_reverse hvp_reused hvp_bf16 hvp_checkpointed \
-  eig_ours eig_ours_bf16 eig_classic 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_small.log"
+  --measurements $SMALL_MEASUREMENTS 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_small.log"
 pack
 fi
 
 if want bench_c1_1024; then
 stage bench_hvp c1 1024
+# shellcheck disable=SC2086
 $T $PY benchmarks/bench_hvp.py --models c1 --batch 1024 --runs 3 --child-timeout 120 --out "$R/bench_hvp_cuda_c1_1024.json" \
-  --measurements train_step hvp_reused hvp_checkpointed hvp_bf16 eig_ours eig_ours_bf16 eig_ours_checkpointed \
-  eig_classic hvp_compiled 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_c1_1024.log"
+  --measurements $C1_1024_MEASUREMENTS 2>&1 | grep --line-buffered -v -i warning | tee "$R/bench_c1_1024.log"
 pack
 fi
 if want demo; then
