@@ -11,7 +11,8 @@ model and batch; each row is ``||Hv - Hv_ref|| / ||Hv_ref||`` for one way of com
 
   double_backward, forward_over_reverse, auto   the methods of ``curvature.hvp`` (fp32)
   rules, stock_rules  double backward with our second-order rules for convolutions and eval-mode
-                      BatchNorm forced on / off (custom_rules=True / False; default: on for the CPU)
+                      BatchNorm forced on / off (custom_rules=True / False; default: on for the CPU
+                      and CUDA in fp32)
   reused_graph        the power iteration's product: the gradient graph built once, differentiated again
   micro4              the mean loss over 4 micro-batches, each with its own graph
   checkpointed        every block under non-reentrant activation checkpointing
