@@ -11,7 +11,9 @@ What is timed: ``time.perf_counter`` around each call (``torch.cuda.synchronize`
 warm-up call first, excluded (for the eigenvalue estimates the warm-up is a 1-iteration estimate);
 median, min and max over ``--runs`` calls. Peak memory: each (model, measurement) runs in its own
 child process; on the CPU the process's peak RSS (``ru_maxrss``) above its RSS after building the
-model and data, on a GPU ``torch.cuda.max_memory_allocated`` above what was allocated then. The JSON
+model and data (glibc's heap keeps freed blocks, so this is the allocator's high-water mark;
+``--exact-memory`` maps every block of 64 KiB and more on its own, so the RSS follows the live
+tensors, at a cost in time), on a GPU ``torch.cuda.max_memory_allocated`` above what was allocated then. The JSON
 records the machine, versions, thread count and git revision. Eigenvalue estimates run exactly 10
 power iterations (``tol=0``) from the same seeded start vector, so their values must agree (Lanczos
 excepted: its estimate after 10 products is closer to the top).
@@ -26,6 +28,9 @@ Measurements (all on the same model, batch and vector, BatchNorm in eval mode as
   hvp_bf16_stock / _rules  the same with PyTorch's rules / ours forced on (the default under autocast:
                            PyTorch's)
   hvp_checkpointed         hvp_double_backward with non-reentrant activation checkpointing per block
+  hvp_segmented            one HVP with checkpoint=True: the model's chain recomputed piece by piece
+                           (forward-mode tangents at the cuts, a double backward per piece)
+  hvp_segmented_bf16       the same under bf16 autocast
   hvp_reused               one HVP on a kept gradient graph (what each power iteration costs when reused)
   hvp_reused_stock         the same with PyTorch's own second-order rules (custom_rules=False)
   hvp_reused_rules         the same with ours forced on (custom_rules=True; the default in fp32)
@@ -40,6 +45,7 @@ Measurements (all on the same model, batch and vector, BatchNorm in eval mode as
   eig_ours_bf16            top_eigenvalue under bf16 autocast (fp32 vectors and reductions), graph reused
   eig_ours_bf16_stock / _rules  the same with PyTorch's rules / ours forced on
   eig_ours_checkpointed    top_eigenvalue with every block checkpointed (non-reentrant), graph reused
+  eig_ours_segmented       top_eigenvalue with checkpoint=True (every product recomputed piece by piece)
   eig_classic              PyHessian's algorithm, written here (one graph, differentiated 10 times)
   eig_pyhessian            the pyhessian package (pip install pyhessian), when installed
 """
@@ -86,6 +92,8 @@ MEASUREMENTS = [
     "hvp_bf16_stock",
     "hvp_bf16_rules",
     "hvp_checkpointed",
+    "hvp_segmented",
+    "hvp_segmented_bf16",
     "hvp_reused",
     "hvp_reused_stock",
     "hvp_reused_rules",
@@ -100,6 +108,7 @@ MEASUREMENTS = [
     "eig_ours_bf16_stock",
     "eig_ours_bf16_rules",
     "eig_ours_checkpointed",
+    "eig_ours_segmented",
     "eig_classic",
     "eig_pyhessian",
 ]
@@ -196,6 +205,8 @@ def _calls(what: str, model: nn.Module, batch, device):
         "hvp_checkpointed": {"method": "double_backward"},
         "hvp_forward_over_reverse": {"method": "forward_over_reverse"},
         "hvp_bf16": {"method": "double_backward", "autocast_dtype": torch.bfloat16},
+        "hvp_segmented": {"checkpoint": True},
+        "hvp_segmented_bf16": {"checkpoint": True, "autocast_dtype": torch.bfloat16},
     }
     if what in hvp_kwargs:
         if what == "hvp_checkpointed" and checkpoint_blocks(model) == 0:
@@ -239,6 +250,8 @@ def _calls(what: str, model: nn.Module, batch, device):
         if checkpoint_blocks(model) == 0:
             raise RuntimeError("no blocks to checkpoint in this model")
         return eig(1, reuse_graph=True), eig(ITERS, reuse_graph=True)
+    if what == "eig_ours_segmented":
+        return eig(1, checkpoint=True, **rules), eig(ITERS, checkpoint=True, **rules)
     if what == "eig_classic":
         return (lambda: classic_top_eigenvalue(model, batch, 1)), (
             lambda: classic_top_eigenvalue(model, batch)
@@ -322,7 +335,11 @@ def _ratio_rows(results: list[dict]) -> list[str]:
                 t = get(m)["median_s"] / classic["median_s"]
                 mem = get(m)["peak_mem_bytes"] / max(classic["peak_mem_bytes"], 1)
                 row = f"{model:9s} {m:26s} time {t:5.2f}x classic   peak memory {mem:5.2f}x classic"
-                if m.startswith(("eig_ours_bf16", "eig_ours_checkpointed")) and fp32 and fp32.get("value"):
+                if (
+                    m.startswith(("eig_ours_bf16", "eig_ours_checkpointed", "eig_ours_segmented"))
+                    and fp32
+                    and fp32.get("value")
+                ):
                     row += f"   eigenvalue {get(m)['value'] / fp32['value'] - 1:+.2%} vs fp32"
                 rows.append(row)
         for m in (
@@ -336,6 +353,8 @@ def _ratio_rows(results: list[dict]) -> list[str]:
             "hvp_bf16",
             "hvp_bf16_stock",
             "hvp_bf16_rules",
+            "hvp_segmented",
+            "hvp_segmented_bf16",
         ):
             if step and get(m):
                 rows.append(
@@ -347,8 +366,11 @@ def _ratio_rows(results: list[dict]) -> list[str]:
             "hvp_reused",
             "hvp_reused_stock",
             "hvp_checkpointed",
+            "hvp_segmented",
+            "hvp_segmented_bf16",
             "hvp_bf16",
             "eig_ours_checkpointed",
+            "eig_ours_segmented",
         ):
             if step and get(m):
                 mem = get(m)["peak_mem_bytes"] / max(step["peak_mem_bytes"], 1)
@@ -366,11 +388,23 @@ def main() -> None:
     ap.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/bench_hvp_<device>.json)"
     )
+    ap.add_argument(
+        "--exact-memory",
+        action="store_true",
+        help="CPU: glibc maps every block >= 64 KiB on its own, so the peak RSS follows the live tensors "
+        "(timings slower: measure time without it)",
+    )
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MEASUREMENT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.runs, args.batch)))
         return
+    # glibc keeps freed blocks below a moving threshold in the heap, so the peak RSS reads the
+    # allocator's high-water mark, not the tensors': with a fixed 64 KiB threshold (--exact-memory)
+    # every tensor of that size is its own mapping, returned at once, at a cost in time.
+    env = dict(os.environ)
+    if args.exact_memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     results = []
     for name in args.models:
         for what in args.measurements:
@@ -381,6 +415,7 @@ def main() -> None:
                     capture_output=True,
                     text=True,
                     timeout=args.child_timeout,
+                    env=env,
                 )
             except subprocess.TimeoutExpired:
                 proc = subprocess.CompletedProcess([], 1, "", f"timeout: over {args.child_timeout:.0f} s")
@@ -415,6 +450,7 @@ def main() -> None:
         "runs": args.runs,
         "batch": args.batch or "each model's own",
         "iterations": ITERS,
+        "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
     }
     device = "cuda" if meta["cuda"] else "cpu"
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"bench_hvp_{device}.json")

@@ -11,7 +11,8 @@
 # PRECISIONS the training runs' (default: no bf16), ACC_MODELS the accuracy stage's models (default:
 # c1 vit_tiny cnn), C1_MEASUREMENTS, SMALL_MEASUREMENTS and C1_1024_MEASUREMENTS the bench stages'
 # rows (eig_pyhessian needs the pyhessian wheel), STAGE_TIMEOUT the seconds one stage may take
-# (default 600).
+# (default 600), TRAIN_EXTRA settings added to the training runs (e.g. hessian_reuse_graph=true) and
+# TRAIN_TAG a suffix for their file names.
 # Everything lands in $OUT/gpu ($OUT defaults to /tmp/gpu_checks) and, after each stage, in
 # $OUT/gpu_results.tar.gz (or PACK_TO). A failed or timed-out stage does not stop the next one.
 #
@@ -81,12 +82,14 @@ fi
 
 if want train; then
 for mp in $PRECISIONS; do
-  stage "train c1 preset on fashion_mnist, mixed_precision=$mp"
-  rm -rf "/tmp/c1_$mp"
+  run=c1_$mp${TRAIN_TAG:-}
+  stage "train c1 preset on fashion_mnist, mixed_precision=$mp ${TRAIN_EXTRA:-}"
+  rm -rf "/tmp/$run"
+  # shellcheck disable=SC2086  # TRAIN_EXTRA is a list of settings
   $T $PY -m scaling_abs train --config c1 dataset=fashion_mnist "data_dir=$FMNIST_DIR" "epochs=$EPOCHS" \
-    "mixed_precision=$mp" "output_dir=/tmp/c1_$mp" progress=false 2>&1 | grep --line-buffered -v -i warning | tail -12 | tee "$R/train_c1_$mp.log"
-  cp "/tmp/c1_$mp/summary.json" "$R/train_c1_${mp}_summary.json"
-  grep -v '"kind": "step"' "/tmp/c1_$mp/metrics.jsonl" > "$R/train_c1_${mp}_checks.jsonl"  # checks and evaluations
+    "mixed_precision=$mp" "output_dir=/tmp/$run" progress=false ${TRAIN_EXTRA:-} 2>&1 | grep --line-buffered -v -i warning | tail -12 | tee "$R/train_$run.log"
+  cp "/tmp/$run/summary.json" "$R/train_${run}_summary.json"
+  grep -v '"kind": "step"' "/tmp/$run/metrics.jsonl" > "$R/train_${run}_checks.jsonl"  # checks and evaluations
   pack
 done
 fi

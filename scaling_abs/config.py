@@ -81,6 +81,10 @@ class TrainConfig:
         "auto",
         "our second-order rules for convolutions and eval BatchNorm: auto (CPU or CUDA, no autocast) | true | false",
     )
+    hessian_checkpoint: bool = _f(
+        False,
+        "recompute the model piece by piece in each product: memory of the cuts + one piece (slower)",
+    )
     hessian_solver: str = _f("power", "eigenvalue solver of a check: power (the paper's) | lanczos")
     hessian_warm_start: bool = _f(
         False, "start each check from the last check's eigenvector (+ a random part)"

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaling_abs import _second_order, distributed
+from scaling_abs import _second_order, _segmented, distributed
+from scaling_abs._segmented import Chain, units_of  # noqa: F401 (public here)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 METHODS = ("auto", "double_backward", "forward_over_reverse")
@@ -318,6 +319,27 @@ def auto_choice(
     return _AUTO_CHOICE.get((_architecture(model), device, autocast_dtype, rules))
 
 
+def chain(model: nn.Module) -> Chain:
+    """The :class:`Chain` a checkpointed HVP of ``cross_entropy_loss`` walks (see ``units_of``)."""
+    return _segmented.chain(model)
+
+
+def _chain(model: nn.Module, loss_fn: LossFn, checkpoint: bool | Chain) -> Chain | None:
+    """``checkpoint``: False (none), True (the model's own chain, for ``cross_entropy_loss``), a Chain."""
+    if isinstance(checkpoint, Chain):
+        return checkpoint
+    if checkpoint is False:
+        return None
+    if checkpoint is not True:
+        raise ValueError(f"checkpoint must be True, False or a curvature.Chain, got {checkpoint!r}")
+    if loss_fn is not cross_entropy_loss:
+        raise ValueError(
+            "checkpoint=True describes cross_entropy_loss; for another loss_fn pass a curvature.Chain "
+            "with its inputs and loss"
+        )
+    return _segmented.chain(model)
+
+
 def _trainable(model: nn.Module, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     if not params:
@@ -337,6 +359,7 @@ def hvp(
     autocast_dtype: torch.dtype | None = None,
     sdpa_math: bool = True,
     custom_rules: bool | str = "auto",
+    checkpoint: bool | Chain = False,
 ) -> list[torch.Tensor]:
     """Hessian-vector product ``H v`` of ``loss_fn(model, batch)`` w.r.t. ``params``.
 
@@ -346,11 +369,27 @@ def hvp(
         method: ``"auto" | "double_backward" | "forward_over_reverse"``.
         bn_mode: ``"eval"`` (default, the paper's code) or ``"train"`` (batch statistics).
         custom_rules: see :func:`grad_and_hvp`.
+        checkpoint: recompute the model piece by piece (see :class:`HessianOperator`); ``method``
+            does not apply then.
     Returns:
         fp32 tensors shaped like ``params``. The model is left as it was.
     """
     params = _trainable(model, params)
+    _check_shapes(vector, params, "vector")
     with _checking(model, bn_mode, sdpa_math):
+        if _chain(model, loss_fn, checkpoint) is not None:
+            op = HessianOperator(
+                model,
+                loss_fn,
+                [batch],
+                params,
+                autocast_dtype=autocast_dtype,
+                sdpa_math=sdpa_math,
+                custom_rules=custom_rules,
+                checkpoint=checkpoint,
+                reduce=False,
+            )
+            return op(vector)
         return grad_and_hvp(
             model,
             loss_fn,
@@ -377,6 +416,12 @@ class HessianOperator:
     have no double backward), also when the operator is used directly.
     ``custom_rules``: our second-order rules for convolutions and eval-mode BatchNorm (see
     :func:`grad_and_hvp`).
+    ``checkpoint``: True (the model's :func:`chain`, for ``cross_entropy_loss``) or a :class:`Chain`:
+    each product recomputes the model piece by piece (:mod:`scaling_abs._segmented`), so the peak
+    memory is the pieces' cuts plus one piece's second-order graph instead of the whole model's;
+    about one more forward and one recomputed forward per product. No graph is kept (``reuse_graph``
+    does not apply) and ``method`` is ignored.
+    ``reduce``: all-reduce over the process group (False: this rank's products only).
     """
 
     def __init__(
@@ -391,6 +436,8 @@ class HessianOperator:
         reuse_graph: bool | str = "auto",
         sdpa_math: bool = True,
         custom_rules: bool | str = "auto",
+        checkpoint: bool | Chain = False,
+        reduce: bool = True,
     ):
         if reuse_graph not in (True, False, "auto"):
             raise ValueError(f"reuse_graph must be True, False or 'auto', got {reuse_graph!r}")
@@ -400,17 +447,29 @@ class HessianOperator:
         device = self.params[0].device if self.params else torch.device("cpu")
         self.custom_rules = _second_order.wanted(custom_rules, device, autocast_dtype)  # resolved
         sizes = [_batch_size(b) for b in self.batches]
-        self.samples = int(distributed.all_reduce_sum(float(sum(sizes))))
+        self.reduce = reduce
+        total = float(sum(sizes))
+        self.samples = int(distributed.all_reduce_sum(total) if reduce else total)
         if self.samples == 0:
             raise ValueError("batches: the Hessian batch is empty")
         self.weights = [n / self.samples for n in sizes]
-        if method == "forward_over_reverse":
+        ch = _chain(model, loss_fn, checkpoint)
+        self._segmented = None if ch is None else _segmented.SegmentedHVP(model, ch, self.params)
+        if method == "forward_over_reverse" or ch is not None:
             reuse_graph = False
         self.reuse_graph = len(self.batches) <= 1 if reuse_graph == "auto" else reuse_graph
         self._graphs: list[tuple[tuple, float]] | None = None
 
     def _hvp(self, index: int, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         batch = self.batches[index]
+        if self._segmented is not None:
+            return self._segmented(
+                batch,
+                vector,
+                autocast=lambda: _autocast(self.params, self.autocast_dtype),
+                rules=lambda: _second_order.second_order_rules(self.model, self.custom_rules),
+                scale=FP16_LOSS_SCALE if self.autocast_dtype == torch.float16 else 1.0,
+            )
         if not self.reuse_graph:
             return grad_and_hvp(
                 self.model,
@@ -439,7 +498,7 @@ class HessianOperator:
             for i, w in enumerate(self.weights):
                 for t, x in zip(total, self._hvp(i, vector)):
                     t.add_(x, alpha=w)
-        return distributed.all_reduce_sum_(total)
+        return distributed.all_reduce_sum_(total) if self.reduce else total
 
     def release(self) -> None:
         """Drop the kept graphs (their memory) now rather than when the operator goes away."""
@@ -606,6 +665,7 @@ def top_eigenvalue(
     init: Sequence[torch.Tensor] | None = None,
     solver: str = "power",
     custom_rules: bool | str = "auto",
+    checkpoint: bool | Chain = False,
 ) -> EigenResult:
     """Top (largest-magnitude) Hessian eigenvalue by power iteration (or Lanczos).
 
@@ -629,6 +689,9 @@ def top_eigenvalue(
         custom_rules: our second-order rules for convolutions and eval-mode BatchNorm (the same
             products, faster on the CPU and for ResNet-18 on an H100; ``"auto"``: on the CPU and CUDA
             without autocast; see :func:`grad_and_hvp`).
+        checkpoint: recompute the model piece by piece in every product, for memory (True: the
+            model's :func:`chain`, for ``cross_entropy_loss``; or a :class:`Chain`; see
+            :class:`HessianOperator`).
     Returns:
         :class:`EigenResult`; the eigenvector is fp32 and unit-norm, shaped like ``params``.
     """
@@ -653,6 +716,7 @@ def top_eigenvalue(
         "reuse_graph": reuse_graph,
         "sdpa_math": sdpa_math,
         "custom_rules": custom_rules,
+        "checkpoint": checkpoint,
     }
     run = _power if solver == "power" else _lanczos
     with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:
@@ -674,6 +738,7 @@ def hutchinson_trace(
     sdpa_math: bool = True,
     reuse_graph: bool | str = "auto",
     custom_rules: bool | str = "auto",
+    checkpoint: bool | Chain = False,
 ) -> TraceResult:
     """Hutchinson's estimate ``E[v^T H v]`` with Rademacher ``v`` from a seeded generator."""
     if n_samples < 1:
@@ -687,6 +752,7 @@ def hutchinson_trace(
         "reuse_graph": reuse_graph,
         "sdpa_math": sdpa_math,
         "custom_rules": custom_rules,
+        "checkpoint": checkpoint,
     }
     with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:
         for _ in range(n_samples):

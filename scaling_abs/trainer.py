@@ -224,6 +224,12 @@ class Trainer:
             std=d.std,
         )
         self.num_params = count_parameters(self.model)
+        if cfg.hessian_checkpoint and curvature.units_of(self.model) is None:
+            raise UserError(
+                f"hessian_checkpoint: model {cfg.model} cannot be split into pieces (known: nn.Sequential, "
+                "torchvision ResNet, or a model with a hessian_units() method)"
+            )
+        self._chain: curvature.Chain | None = None  # the live model's, so its cuts are planned once
         # ZeRO-3 checks run on a plain copy of the model (see _curvature_model): its blueprint is
         # taken here, before prepare partitions the parameters.
         ds_stage = (
@@ -403,6 +409,14 @@ class Trainer:
         plain.train(self.raw_model.training)
         return plain
 
+    def _hessian_chain(self, model: torch.nn.Module) -> curvature.Chain:
+        """The model's chain; the live model's is kept (ZeRO-3's per-check copies get a new one)."""
+        if model is not self.raw_model:
+            return curvature.chain(model)
+        if self._chain is None:
+            self._chain = curvature.chain(model)
+        return self._chain
+
     def _check(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -425,6 +439,7 @@ class Trainer:
             custom_rules=_AUTO_BOOL[cfg.hessian_custom_rules],
             init=init,
             solver=cfg.hessian_solver,
+            checkpoint=self._hessian_chain(model) if cfg.hessian_checkpoint else False,
         )
         if result.finite:  # a non-finite estimate leaves the schedule alone, and the start vector too
             self.curvature_state.eigenvector = [v.detach().cpu() for v in result.eigenvector]

@@ -1,0 +1,206 @@
+"""Checkpointed HVPs (``checkpoint=True`` / a ``curvature.Chain``): exact against dense Hessians, equal
+to the plain double backward on ResNet-18, and the planner's choices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from scaling_abs import curvature
+from scaling_abs._segmented import measure, plan
+from scaling_abs.curvature import Chain, cross_entropy_loss, hvp, top_eigenvalue
+from scaling_abs.models import Normalized, build_model
+from tests.test_curvature import data, dense_hessian, flat, tiny_bn_cnn
+
+
+def bn_cnn_with_stats(seed: int = 0) -> tuple[nn.Module, tuple]:
+    model = tiny_bn_cnn(seed)
+    x, y = data(16, shape=(1, 6, 6))
+    model.train()
+    model(x)  # non-trivial running statistics
+    return model, (x, y)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("cuts", [None, [0], [0, 1, 2, 3, 4], [0, 2, 4]])
+def test_checkpointed_hvp_matches_the_dense_hessian(cuts):
+    model, batch = bn_cnn_with_stats()
+    h = dense_hessian(model, batch)
+    v = [torch.randn_like(p) for p in model.parameters()]
+    ch = Chain(list(model), cuts=cuts)
+    out = flat(hvp(model, cross_entropy_loss, batch, v, checkpoint=ch))
+    assert rel(out, h @ flat(v)) < 1e-12
+
+
+def test_checkpointed_block_hvp_is_the_dense_sub_block():
+    model, batch = bn_cnn_with_stats()
+    block = curvature.last_layers(model, 2)  # BatchNorm and the last Linear: the first piece has none
+    h = dense_hessian(model, batch, block)
+    v = [torch.randn_like(p) for p in block]
+    ch = Chain(list(model), cuts=[0, 1, 2, 3, 4])
+    out = flat(hvp(model, cross_entropy_loss, batch, v, params=block, checkpoint=ch))
+    assert rel(out, h @ flat(v)) < 1e-12
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_resnet18_checkpointed_equals_double_backward(bn_mode):
+    torch.manual_seed(0)
+    net = build_model("c1", num_classes=10, in_channels=3, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    net.train()
+    net(x)
+    v = [torch.randn_like(p) for p in net.parameters()]
+    kw = {"bn_mode": bn_mode}
+    ref = flat(hvp(net, cross_entropy_loss, (x, y), v, method="double_backward", custom_rules=False, **kw))
+    for rules in (False, True):
+        out = flat(hvp(net, cross_entropy_loss, (x, y), v, checkpoint=True, custom_rules=rules, **kw))
+        assert rel(out, ref) < 1e-5, rules
+
+
+def test_the_planner_cuts_resnet18_at_its_blocks():
+    torch.manual_seed(0)
+    net = build_model("c1", num_classes=10, in_channels=3, image_size=16)
+    ch = curvature.chain(net)
+    assert isinstance(ch.units[0], nn.Module) and isinstance(ch.units[-1], nn.Linear)
+    assert len(ch.units) == 1 + 4 + 8 + 3  # normalisation, stem, 8 blocks, pool + flatten + fc
+    v = [torch.zeros_like(p) for p in net.parameters()]
+    hvp(
+        net,
+        cross_entropy_loss,
+        (torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)),
+        v,
+        checkpoint=ch,
+    )
+    (cuts,) = ch._plans.values()
+    assert 3 <= len(cuts) <= 10
+    blocks = {i for i, u in enumerate(ch.units) if isinstance(u, torchvision.models.resnet.BasicBlock)}
+    assert set(cuts[1:]) <= blocks  # the pieces start at residual blocks
+
+
+def test_plan_trades_cuts_against_the_largest_piece():
+    # cuts cost nothing: every unit its own piece; cuts cost a lot: one piece
+    assert plan([0, 0, 0, 0], [5, 5, 5, 5]) == [0, 1, 2, 3]
+    assert plan([100, 100, 100], [1, 1, 1]) == [0]
+    # a small output in the middle is where one cut pays
+    assert plan([50, 1, 50, 50], [30, 30, 30, 30], factor=3) == [0, 2]
+
+
+def test_measure_counts_what_a_forward_saves_once():
+    lin = nn.Linear(10, 10)
+    outputs, saved = measure(
+        [lin, nn.ReLU()], torch.rand(4, 10), lambda: torch.autocast("cpu", enabled=False), set()
+    )
+    assert outputs == [4 * 10 * 4, 4 * 10 * 4]
+    assert saved[0] >= 4 * 10 * 4  # the input (the weight is a parameter, counted here as not excluded)
+    assert saved[1] == 4 * 10 * 4  # ReLU keeps its output
+
+
+def test_checkpointed_top_eigenvalue_and_trace_equal_the_plain_ones():
+    torch.manual_seed(0)
+    net = build_model("cnn", num_classes=10, in_channels=1, image_size=12).double()
+    x, y = torch.rand(24, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (24,))
+    batches = [(x[:10], y[:10]), (x[10:], y[10:])]
+    plain = top_eigenvalue(net, cross_entropy_loss, batches, max_iter=6, tol=0)
+    ckpt = top_eigenvalue(net, cross_entropy_loss, batches, max_iter=6, tol=0, checkpoint=True)
+    assert ckpt.eigenvalue == pytest.approx(plain.eigenvalue, rel=1e-10)
+    a = curvature.hutchinson_trace(net, cross_entropy_loss, batches, n_samples=3)
+    b = curvature.hutchinson_trace(net, cross_entropy_loss, batches, n_samples=3, checkpoint=True)
+    assert b.trace == pytest.approx(a.trace, rel=1e-10)
+
+
+def test_dropout_masks_are_recomputed_alike():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(5, 8),
+        nn.Dropout(0.5),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Dropout(0.5),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    )
+    net = net.double()
+    batch = data(16)
+    v = [torch.randn_like(p) for p in net.parameters()]
+    ch = Chain(list(net), cuts=[0, 3, 6])
+    hvp(net, cross_entropy_loss, batch, v, checkpoint=ch, bn_mode="train")  # nothing to plan, but warm
+    torch.manual_seed(7)
+    ref = flat(hvp(net, cross_entropy_loss, batch, v, method="double_backward", bn_mode="train"))
+    torch.manual_seed(7)
+    out = flat(hvp(net, cross_entropy_loss, batch, v, checkpoint=ch, bn_mode="train"))
+    assert rel(out, ref) < 1e-12  # the same masks in the tangent pass, the recomputation and the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_checkpointed_under_autocast_is_close_to_fp32(dtype):
+    torch.manual_seed(0)
+    net = build_model("cnn", num_classes=10, in_channels=1, image_size=12)
+    x, y = torch.rand(32, 1, 12, 12), torch.randint(0, 10, (32,))
+    v = [torch.randn_like(p) for p in net.parameters()]
+    ref = flat(hvp(net, cross_entropy_loss, (x, y), v, method="double_backward"))
+    out = flat(hvp(net, cross_entropy_loss, (x, y), v, checkpoint=True, autocast_dtype=dtype))
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < 5e-2
+
+
+def test_checkpoint_errors_are_clear():
+    model, batch = bn_cnn_with_stats()
+    v = [torch.ones_like(p) for p in model.parameters()]
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    custom = Custom().double()
+    with pytest.raises(ValueError, match="cannot split Custom"):
+        hvp(
+            custom,
+            cross_entropy_loss,
+            data(),
+            [torch.ones_like(p) for p in custom.parameters()],
+            checkpoint=True,
+        )
+    with pytest.raises(ValueError, match="another loss_fn"):
+        hvp(model, lambda m, b: cross_entropy_loss(m, b) * 2, batch, v, checkpoint=True)
+    with pytest.raises(ValueError, match="in no unit"):
+        hvp(model, cross_entropy_loss, batch, v, checkpoint=Chain(list(model)[1:]))
+    with pytest.raises(ValueError, match="cuts"):
+        Chain(list(model), cuts=[1, 2])
+    with pytest.raises(ValueError, match="checkpoint must be"):
+        hvp(model, cross_entropy_loss, batch, v, checkpoint="yes")
+
+
+def test_units_of_knows_sequential_resnet_normalized_and_hessian_units():
+    seq = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 2)))
+    assert len(curvature.units_of(seq)) == 3
+    assert len(curvature.units_of(Normalized(seq, [0.5], [0.5]))) == 4
+    resnet = torchvision.models.resnet18(num_classes=3)
+    assert len(curvature.units_of(resnet)) == 4 + 8 + 3
+
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+        def hessian_units(self):
+            return [self.a, torch.tanh, self.b]
+
+    own = Own().double()
+    batch = data()
+    v = [torch.randn_like(p) for p in own.parameters()]
+    h = dense_hessian(own, batch)
+    out = flat(hvp(own, cross_entropy_loss, batch, v, checkpoint=Chain(own.hessian_units(), cuts=[0, 1, 2])))
+    assert rel(out, h @ flat(v)) < 1e-12
+    assert curvature.units_of(build_model("vit_tiny", num_classes=3, in_channels=1, image_size=8)) is None
