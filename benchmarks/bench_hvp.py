@@ -30,7 +30,7 @@ Measurements (all on the same model, batch and vector, BatchNorm in eval mode as
   hvp_checkpointed         hvp_double_backward with non-reentrant activation checkpointing per block
   hvp_segmented            one HVP with checkpoint=True: the model's chain recomputed piece by piece
                            (forward-mode tangents at the cuts, a double backward per piece)
-  hvp_segmented_bf16       the same under bf16 autocast
+  hvp_segmented_bf16       the same under bf16 autocast (hvp_segmented_bf16_stock: PyTorch's rules)
   hvp_reused               one HVP on a kept gradient graph (what each power iteration costs when reused)
   hvp_reused_stock         the same with PyTorch's own second-order rules (custom_rules=False)
   hvp_reused_rules         the same with ours forced on (custom_rules=True; the default in fp32)
@@ -94,6 +94,7 @@ MEASUREMENTS = [
     "hvp_checkpointed",
     "hvp_segmented",
     "hvp_segmented_bf16",
+    "hvp_segmented_bf16_stock",
     "hvp_reused",
     "hvp_reused_stock",
     "hvp_reused_rules",

@@ -269,7 +269,7 @@ def grad_and_hvp(
     ``custom_rules`` (double backward only): differentiate convolutions and eval-mode BatchNorm with
     our own rules (:mod:`scaling_abs._second_order`; the same HVP, each second-order convolution a
     kernel training uses instead of PyTorch's generic double-backward formula). ``"auto"``: on the
-    CPU and on CUDA without autocast, where it was measured faster; PyTorch's rules elsewhere.
+    CPU and on CUDA without autocast or under bf16, where it was measured faster; PyTorch's rules elsewhere.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -688,7 +688,7 @@ def top_eigenvalue(
             from them; keeps ``max_iter`` vectors: see :func:`_lanczos`).
         custom_rules: our second-order rules for convolutions and eval-mode BatchNorm (the same
             products, faster on the CPU and for ResNet-18 on an H100; ``"auto"``: on the CPU and CUDA
-            without autocast; see :func:`grad_and_hvp`).
+            without autocast or in bf16; see :func:`grad_and_hvp`).
         checkpoint: recompute the model piece by piece in every product, for memory (True: the
             model's :func:`chain`, for ``cross_entropy_loss``; or a :class:`Chain`; see
             :class:`HessianOperator`).
