@@ -316,6 +316,11 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     for key in ("hessian_reuse_graph", "hessian_custom_rules"):
         value = getattr(cfg, key)
         _check(value in ("auto", "true", "false"), key, f"expected auto, true or false, got {value!r}")
+    _check(
+        not (cfg.hessian_checkpoint and cfg.hessian_reuse_graph == "true"),
+        "hessian_checkpoint",
+        "excludes hessian_reuse_graph=true (a checkpointed product keeps no graph)",
+    )
     block = cfg.hessian_block
     _check(
         block == "all" or (block.startswith("last:") and block[5:].isdigit() and int(block[5:]) > 0),

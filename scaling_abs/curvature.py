@@ -454,6 +454,10 @@ class HessianOperator:
             raise ValueError("batches: the Hessian batch is empty")
         self.weights = [n / self.samples for n in sizes]
         ch = _chain(model, loss_fn, checkpoint)
+        if ch is not None and reuse_graph is True:
+            raise ValueError(
+                "reuse_graph=True and checkpoint exclude each other: a checkpointed product keeps no graph"
+            )
         self._segmented = None if ch is None else _segmented.SegmentedHVP(model, ch, self.params)
         if method == "forward_over_reverse" or ch is not None:
             reuse_graph = False

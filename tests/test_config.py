@@ -105,6 +105,8 @@ def test_poly_schedule_settings():
     for bad, key in (
         (["lr_schedule=poly", "lr_final=1.0"], "lr_final"),
         (["lr_schedule=poly", "lr_poly_power=0"], "lr_poly_power"),
+        (["hessian_checkpoint=true", "hessian_reuse_graph=true"], "hessian_checkpoint"),
+        (["hessian_checkpoint=sometimes"], "hessian_checkpoint"),
     ):
         with pytest.raises(ConfigError, match=rf"^{key}:"):
             load_config(None, bad)

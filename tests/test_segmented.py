@@ -175,6 +175,8 @@ def test_checkpoint_errors_are_clear():
         hvp(model, cross_entropy_loss, batch, v, checkpoint=Chain(list(model)[1:]))
     with pytest.raises(ValueError, match="cuts"):
         Chain(list(model), cuts=[1, 2])
+    with pytest.raises(ValueError, match="exclude each other"):
+        top_eigenvalue(model, cross_entropy_loss, [batch], checkpoint=True, reuse_graph=True)
     with pytest.raises(ValueError, match="checkpoint must be"):
         hvp(model, cross_entropy_loss, batch, v, checkpoint="yes")
 

@@ -150,6 +150,34 @@ def test_custom_rules_setting_reaches_the_checks_and_changes_no_estimate(tmp_pat
         assert eigenvalues[f"true{samples}"] == pytest.approx(eigenvalues[f"false{samples}"], rel=1e-4)
 
 
+def test_checkpointed_checks_give_the_same_run(tmp_path, monkeypatch):
+    from scaling_abs import _segmented
+
+    calls = []
+    original = _segmented.SegmentedHVP.__call__
+    monkeypatch.setattr(
+        _segmented.SegmentedHVP, "__call__", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    kw = {"model": "cnn", "strategy": "abs", "hessian_every": 256, "hessian_samples": 128}
+    plain, w_plain = run(tmp_path, "plain", **kw)
+    assert not calls
+    ckpt, w_ckpt = run(tmp_path, "ckpt", hessian_checkpoint=True, **kw)
+    assert calls  # the checks went through the chain
+    eig = {
+        n: [r["eigenvalue"] for r in read_metrics(tmp_path / n) if r["kind"] == "check"]
+        for n in ("plain", "ckpt")
+    }
+    assert len(eig["plain"]) >= 2
+    assert eig["ckpt"] == pytest.approx(eig["plain"], rel=1e-4)
+    assert ckpt["updates"] == plain["updates"]
+    assert_close(w_plain, w_ckpt, rtol=1e-4)
+
+
+def test_checkpointed_checks_need_a_model_with_a_chain(tmp_path):
+    with pytest.raises(UserError, match="hessian_checkpoint: model vit_tiny cannot be split"):
+        run(tmp_path, "vit", model="vit_tiny", hessian_checkpoint=True)
+
+
 def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypatch):
     # a check at step 2, before the preemption at step 3: the checkpoint carries its eigenvector
     common = {
