@@ -214,6 +214,7 @@ class SegmentedHVP:
         self.model, self.chain, self.params = model, ch, list(params)
         wanted = {id(p): i for i, p in enumerate(self.params)}
         self.unit_params = [_params_of(u, wanted) for u in ch.units]
+        self._by_reverse = False  # forward-mode AD failed once: tangents by two reverse passes
         found = {i for ps in self.unit_params for _, i in ps}
         missing = [i for i in range(len(self.params)) if i not in found]
         if missing:
@@ -243,6 +244,8 @@ class SegmentedHVP:
         """``(f(x), d f(x)[xdot, v])`` of units ``lo:hi``: forward-mode AD, or (where an op has no
         forward-mode rule, or CPU autocast) the same derivative from two reverse passes."""
         units = self.chain.units[lo:hi]
+        if self._by_reverse:
+            return self._tangent_by_reverse(lo, hi, x, xdot, vector, autocast)
         try:
             import torch.autograd.forward_ad as fwad
             from torch.func import functional_call
@@ -263,6 +266,7 @@ class SegmentedHVP:
                 tangent = torch.zeros_like(out)
             return out, tangent
         except (RuntimeError, NotImplementedError):
+            self._by_reverse = True  # for the rest of this operator's products: failing costs a forward
             return self._tangent_by_reverse(lo, hi, x, xdot, vector, autocast)
 
     def _tangent_by_reverse(self, lo, hi, x, xdot, vector, autocast):

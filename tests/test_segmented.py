@@ -206,3 +206,18 @@ def test_units_of_knows_sequential_resnet_normalized_and_hessian_units():
     out = flat(hvp(own, cross_entropy_loss, batch, v, checkpoint=Chain(own.hessian_units(), cuts=[0, 1, 2])))
     assert rel(out, h @ flat(v)) < 1e-12
     assert curvature.units_of(build_model("vit_tiny", num_classes=3, in_channels=1, image_size=8)) is None
+
+
+def test_tangents_by_two_reverse_passes_where_forward_mode_fails(monkeypatch):
+    import torch.autograd.forward_ad as fwad
+
+    model, batch = bn_cnn_with_stats()
+    h = dense_hessian(model, batch)
+    v = [torch.randn_like(p) for p in model.parameters()]
+
+    def refuse(*a, **k):
+        raise NotImplementedError("no forward-mode rule (simulated)")
+
+    monkeypatch.setattr(fwad, "make_dual", refuse)
+    out = flat(hvp(model, cross_entropy_loss, batch, v, checkpoint=Chain(list(model), cuts=[0, 1, 2, 3, 4])))
+    assert rel(out, h @ flat(v)) < 1e-12
