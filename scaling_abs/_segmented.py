@@ -59,12 +59,15 @@ class Chain:
     ``inputs(batch)`` (default ``batch[0]``) and ``loss(output, batch)`` (default the cross-entropy
     against ``batch[1]``, computed in fp32) must describe the same loss as the ``loss_fn`` it stands for.
     ``cuts``: the units that start a piece (default: planned from measured sizes, see :func:`plan`).
+    ``model``: when given, the first product for each input shape checks that the units compute
+    ``model(inputs(batch))`` (in eval mode) and raises ValueError where they do not.
     """
 
     units: list[Unit]
     loss: Callable[[torch.Tensor, Any], torch.Tensor] = _cross_entropy_head
     inputs: Callable[[Any], torch.Tensor] = _first
     cuts: list[int] | None = None
+    model: nn.Module | None = field(default=None, repr=False)
     _plans: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +93,41 @@ class _Normalize(nn.Module):
         return x if o.mean is None else (x - o.mean.to(x.dtype)) / o.std.to(x.dtype)
 
 
+class _Embeddings(nn.Module):
+    """A transformers ViT's embeddings as a unit (the pixels cast as ``ViTModel`` casts them)."""
+
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(x.to(self.embeddings.patch_embeddings.projection.weight.dtype))
+
+
+class _FirstToken(nn.Module):
+    """``classifier(h[:, 0])``: the class token's head."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.classifier(h[:, 0, :])
+
+
+def _vit_units(net: nn.Module) -> list[Unit] | None:
+    """transformers' ``ViTForImageClassification`` (5.x: ``vit.layers``; 4.x: ``vit.encoder.layer``)."""
+    if type(net).__name__ != "ViTForImageClassification":
+        return None
+    vit = net.vit
+    layers = getattr(vit, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(vit, "encoder", None), "layer", None)
+    if layers is None:
+        return None
+    return [_Embeddings(vit.embeddings), *layers, vit.layernorm, _FirstToken(net.classifier)]
+
+
 def _resnet_units(net: nn.Module) -> list[Unit]:
     units: list[Unit] = [net.conv1, net.bn1, net.relu, net.maxpool]
     for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
@@ -99,13 +137,17 @@ def _resnet_units(net: nn.Module) -> list[Unit]:
 
 def units_of(model: nn.Module) -> list[Unit] | None:
     """The chain of ``model``'s forward, or None where it is not known: ``nn.Sequential`` (nested
-    ones flattened), torchvision's ResNet, :class:`~scaling_abs.models.Normalized` around either,
-    and any module with a ``hessian_units()`` method returning the list."""
+    ones flattened), torchvision's ResNet and AlexNet, transformers' ViT image classifier (as the zoo wraps it),
+    :class:`~scaling_abs.models.Normalized` around any of them, and any module with a
+    ``hessian_units()`` method returning the list."""
     from scaling_abs.models import Normalized
+    from scaling_abs.models.vision import _LogitsOnly
 
     own = getattr(model, "hessian_units", None)
     if callable(own):
         return list(own())
+    if isinstance(model, _LogitsOnly):
+        return _vit_units(model.net)
     if isinstance(model, Normalized):
         inner = units_of(model.model)
         return None if inner is None else [_Normalize(model), *inner]
@@ -116,11 +158,13 @@ def units_of(model: nn.Module) -> list[Unit] | None:
             units.extend(inner if inner else [child])
         return units
     try:
-        from torchvision.models import ResNet
+        from torchvision.models import AlexNet, ResNet
     except ImportError:  # pragma: no cover - torchvision is a dependency
         return None
     if type(model) is ResNet:  # not a subclass: its forward may differ
         return _resnet_units(model)
+    if type(model) is AlexNet:
+        return [*model.features, model.avgpool, nn.Flatten(1), *model.classifier]
     return None
 
 
@@ -130,10 +174,10 @@ def chain(model: nn.Module) -> Chain:
     if not units:
         raise ValueError(
             f"checkpoint: cannot split {type(model).__name__} into a chain of pieces (known: "
-            "nn.Sequential, torchvision ResNet, or a model with a hessian_units() method); "
-            "pass curvature.Chain(units=[...]) instead"
+            "nn.Sequential, torchvision ResNet / AlexNet, transformers ViT, or a model with a hessian_units() "
+            "method); pass curvature.Chain(units=[...]) instead"
         )
-    return Chain(units)
+    return Chain(units, model=model)
 
 
 def plan(outputs: Sequence[int], saved: Sequence[int], factor: float = GRAPH_FACTOR) -> list[int]:
@@ -229,11 +273,29 @@ class SegmentedHVP:
         key = (tuple(x.shape), x.dtype, x.device.type)
         starts = self.chain._plans.get(key)
         if starts is None:
+            if self.chain.model is not None:
+                self._verify(x, autocast)
             exclude = {
                 t.untyped_storage().data_ptr() for t in [*self.model.parameters(), *self.model.buffers()]
             }
             starts = self.chain._plans[key] = plan(*measure(self.chain.units, x, autocast, exclude))
         return starts
+
+    def _verify(self, x: torch.Tensor, autocast) -> None:
+        """The units must compute the model's forward: a wrong chain would give a wrong Hessian."""
+        from scaling_abs.curvature import preserved_modes  # here: curvature imports this module
+
+        model = self.chain.model
+        with torch.no_grad(), autocast(), preserved_modes(model):
+            model.eval()
+            want = model(x)
+            got = self._run(self.chain.units, x.clone())
+        tol = 1e-4 if want.dtype in (torch.float32, torch.float64) else 3e-2
+        if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+            raise ValueError(
+                f"checkpoint: the chain of {type(model).__name__} does not compute its forward "
+                "(a different forward or library version?); pass curvature.Chain(units=[...]) instead"
+            )
 
     def _run(self, units: Sequence[Unit], h: torch.Tensor) -> torch.Tensor:
         for u in units:

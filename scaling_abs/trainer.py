@@ -226,8 +226,8 @@ class Trainer:
         self.num_params = count_parameters(self.model)
         if cfg.hessian_checkpoint and curvature.units_of(self.model) is None:
             raise UserError(
-                f"hessian_checkpoint: model {cfg.model} cannot be split into pieces (known: nn.Sequential, "
-                "torchvision ResNet, or a model with a hessian_units() method)"
+                f"hessian_checkpoint: model {cfg.model} cannot be split into pieces (known: the zoo's models, "
+                "nn.Sequential, torchvision ResNet / AlexNet, transformers ViT, or a hessian_units() method)"
             )
         self._chain: curvature.Chain | None = None  # the live model's, so its cuts are planned once
         # ZeRO-3 checks run on a plain copy of the model (see _curvature_model): its blueprint is

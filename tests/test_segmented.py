@@ -205,7 +205,44 @@ def test_units_of_knows_sequential_resnet_normalized_and_hessian_units():
     h = dense_hessian(own, batch)
     out = flat(hvp(own, cross_entropy_loss, batch, v, checkpoint=Chain(own.hessian_units(), cuts=[0, 1, 2])))
     assert rel(out, h @ flat(v)) < 1e-12
-    assert curvature.units_of(build_model("vit_tiny", num_classes=3, in_channels=1, image_size=8)) is None
+    assert (
+        len(curvature.units_of(torchvision.models.alexnet(num_classes=3))) == 13 + 2 + 7
+    )  # features, pool and flatten, classifier
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "s1", "c2", "c3", "i2"])
+def test_every_zoo_model_has_a_chain_that_gives_the_plain_hvp(name):
+    size = 64 if name == "i2" else 16
+    torch.manual_seed(0)
+    net = build_model(name, num_classes=5, in_channels=3, image_size=size).double()
+    x, y = torch.rand(4, 3, size, size, dtype=torch.float64), torch.randint(0, 5, (4,))
+    v = [torch.randn_like(p) for p in net.parameters()]
+    ref = flat(hvp(net, cross_entropy_loss, (x, y), v, method="double_backward", custom_rules=False))
+    out = flat(hvp(net, cross_entropy_loss, (x, y), v, checkpoint=True))
+    assert rel(out, ref) < 1e-10
+
+
+def test_a_chain_that_is_not_the_forward_is_refused():
+    class Wrong(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+        def hessian_units(self):
+            return [self.a, self.b]  # the tanh is missing
+
+    wrong = Wrong().double()
+    with pytest.raises(ValueError, match="does not compute its forward"):
+        hvp(
+            wrong,
+            cross_entropy_loss,
+            data(),
+            [torch.ones_like(p) for p in wrong.parameters()],
+            checkpoint=True,
+        )
 
 
 def test_tangents_by_two_reverse_passes_where_forward_mode_fails(monkeypatch):

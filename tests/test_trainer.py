@@ -173,9 +173,12 @@ def test_checkpointed_checks_give_the_same_run(tmp_path, monkeypatch):
     assert_close(w_plain, w_ckpt, rtol=1e-4)
 
 
-def test_checkpointed_checks_need_a_model_with_a_chain(tmp_path):
-    with pytest.raises(UserError, match="hessian_checkpoint: model vit_tiny cannot be split"):
-        run(tmp_path, "vit", model="vit_tiny", hessian_checkpoint=True)
+def test_checkpointed_checks_need_a_model_with_a_chain(tmp_path, monkeypatch):
+    from scaling_abs import curvature
+
+    monkeypatch.setattr(curvature, "units_of", lambda model: None)  # as for an hf: model without one
+    with pytest.raises(UserError, match="hessian_checkpoint: model mlp cannot be split"):
+        run(tmp_path, "mlp", hessian_checkpoint=True)
 
 
 def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypatch):
