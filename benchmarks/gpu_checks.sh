@@ -41,13 +41,15 @@ STAGES=" ${STAGES:-tests accuracy bench_c1 train bench_small bench_c1_1024 demo}
 PRECISIONS=${PRECISIONS:-no bf16}
 ACC_MODELS=${ACC_MODELS:-c1 vit_tiny cnn}
 C1_MEASUREMENTS=${C1_MEASUREMENTS:-train_step hvp_double_backward hvp_double_backward_stock \
-  hvp_forward_over_reverse hvp_bf16 hvp_checkpointed hvp_reused hvp_reused_stock eig_ours eig_ours_stock \
-  eig_ours_fresh eig_ours_micro4 eig_ours_lanczos eig_ours_bf16 eig_ours_checkpointed eig_classic eig_pyhessian}
+  hvp_forward_over_reverse hvp_bf16 hvp_checkpointed hvp_segmented hvp_segmented_bf16 hvp_reused hvp_reused_stock \
+  eig_ours eig_ours_stock eig_ours_fresh eig_ours_micro4 eig_ours_lanczos eig_ours_bf16 eig_ours_bf16_stock \
+  eig_ours_segmented eig_classic eig_pyhessian}
 SMALL_MEASUREMENTS=${SMALL_MEASUREMENTS:-train_step hvp_double_backward hvp_double_backward_stock \
   hvp_forward_over_reverse hvp_reused hvp_reused_stock hvp_bf16 hvp_checkpointed eig_ours eig_ours_stock \
   eig_ours_bf16 eig_classic}
-C1_1024_MEASUREMENTS=${C1_1024_MEASUREMENTS:-train_step hvp_reused hvp_reused_stock hvp_checkpointed hvp_bf16 \
-  eig_ours eig_ours_stock eig_ours_bf16 eig_ours_bf16_rules eig_ours_checkpointed eig_classic hvp_compiled}
+C1_1024_MEASUREMENTS=${C1_1024_MEASUREMENTS:-train_step hvp_double_backward hvp_reused hvp_reused_stock \
+  hvp_segmented hvp_segmented_bf16 hvp_bf16 eig_ours eig_ours_stock eig_ours_bf16 eig_ours_bf16_stock \
+  eig_ours_segmented eig_classic hvp_compiled}
 T="timeout ${STAGE_TIMEOUT:-600}"
 want() { [[ $STAGES == *" $1 "* ]]; }
 pack() { tar -czf "${PACK_TO:-$OUT/gpu_results.tar.gz}" -C "$OUT" gpu; }
