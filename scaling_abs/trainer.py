@@ -462,6 +462,7 @@ class Trainer:
             "solver": cfg.hessian_solver,
             "hessian_samples": self.cfg.hessian_samples,
             "block": cfg.hessian_block,
+            "checkpoint": cfg.hessian_checkpoint,
             "seconds": seconds,
             "batch_before": before,
             "batch_after": after,

@@ -163,6 +163,7 @@ def test_checkpointed_checks_give_the_same_run(tmp_path, monkeypatch):
     assert not calls
     ckpt, w_ckpt = run(tmp_path, "ckpt", hessian_checkpoint=True, **kw)
     assert calls  # the checks went through the chain
+    assert {r["checkpoint"] for r in read_metrics(tmp_path / "ckpt") if r["kind"] == "check"} == {True}
     eig = {
         n: [r["eigenvalue"] for r in read_metrics(tmp_path / n) if r["kind"] == "check"]
         for n in ("plain", "ckpt")
