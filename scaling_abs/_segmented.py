@@ -218,6 +218,15 @@ def plan(outputs: Sequence[int], saved: Sequence[int], factor: float = GRAPH_FAC
     return best_starts
 
 
+def _tensor(out: Any, unit: Unit) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"checkpoint: unit {type(unit).__name__} returned {type(out).__name__}; units must map one "
+            "tensor to one tensor"
+        )
+    return out
+
+
 def measure(
     units: Sequence[Unit], x: torch.Tensor, autocast, exclude: set[int]
 ) -> tuple[list[int], list[int]]:
@@ -236,7 +245,7 @@ def measure(
             # its own graph (ReLU saves its output), a cycle that kept every unit's graph alive.
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None), autocast():
-            out = u(h.detach().requires_grad_(h.is_floating_point()).clone())
+            out = _tensor(u(h.detach().requires_grad_(h.is_floating_point()).clone()), u)
         h = out.detach()
         outputs.append(h.numel() * h.element_size())
         saved.append(sum(seen.values()))
@@ -262,49 +271,76 @@ class SegmentedHVP:
         found = {i for ps in self.unit_params for _, i in ps}
         missing = [i for i in range(len(self.params)) if i not in found]
         if missing:
+            names = {id(p): n for n, p in model.named_parameters()}
+            listed = ", ".join(names.get(id(self.params[i]), f"#{i}") for i in missing[:5])
             raise ValueError(
                 f"checkpoint: {len(missing)} of the Hessian's parameters are in no unit of the chain "
-                "(units must be the modules that own them)"
+                f"({listed}{', ...' if len(missing) > 5 else ''}; units must be the modules that own them)"
             )
 
-    def _starts(self, x: torch.Tensor, autocast) -> list[int]:
-        if self.chain.cuts is not None:
-            return self.chain.cuts
-        key = (tuple(x.shape), x.dtype, x.device.type)
+    def _index(self, lo: int, hi: int) -> list[int]:
+        """The HVP's parameters used in units ``lo:hi``, each once (a weight shared by two units too)."""
+        return list(dict.fromkeys(i for u in range(lo, hi) for _, i in self.unit_params[u]))
+
+    def _rng(self, devices: list[int]):
+        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+    @staticmethod
+    def _set_rng(rng, devices: list[int]) -> None:
+        torch.set_rng_state(rng[0])
+        for d, state in zip(devices, rng[1]):
+            torch.cuda.set_rng_state(state, d)
+
+    def _starts(self, x: torch.Tensor, autocast, autocast_dtype, devices: list[int]) -> list[int]:
+        """Where the pieces start; at the first product for a shape, the chain is checked against
+        the model (when it has one) and the cuts are planned. Neither draws from the global RNG."""
+        training = any(m.training for m in self.model.modules())
+        key = (tuple(x.shape), x.dtype, x.device.type, autocast_dtype, training)
         starts = self.chain._plans.get(key)
         if starts is None:
-            if self.chain.model is not None:
-                self._verify(x, autocast)
-            exclude = {
-                t.untyped_storage().data_ptr() for t in [*self.model.parameters(), *self.model.buffers()]
-            }
-            starts = self.chain._plans[key] = plan(*measure(self.chain.units, x, autocast, exclude))
+            with torch.random.fork_rng(devices=devices):
+                checked = self.chain.model is None or self._verify(x, autocast, devices)
+                if self.chain.cuts is not None:
+                    starts = self.chain.cuts
+                else:
+                    exclude = {
+                        t.untyped_storage().data_ptr()
+                        for t in [*self.model.parameters(), *self.model.buffers()]
+                    }
+                    starts = plan(*measure(self.chain.units, x, autocast, exclude))
+            if checked:  # else checked (and planned) again at the next product
+                self.chain._plans[key] = starts
         return starts
 
-    def _verify(self, x: torch.Tensor, autocast) -> None:
-        """The units must compute the model's forward: a wrong chain would give a wrong Hessian."""
-        from scaling_abs.curvature import preserved_modes  # here: curvature imports this module
-
+    def _verify(self, x: torch.Tensor, autocast, devices: list[int]) -> bool:
+        """The units must compute the model's forward (in its current modes, dropout masks drawn
+        alike): a wrong chain would give a wrong Hessian. False: not checkable on this batch (the
+        model's output is not finite), so it is checked again at the next product."""
         model = self.chain.model
-        with torch.no_grad(), autocast(), preserved_modes(model):
-            model.eval()
+        rng = self._rng(devices)
+        with torch.no_grad(), autocast():
             want = model(x)
+            self._set_rng(rng, devices)
             got = self._run(self.chain.units, x.clone())
+        if not bool(torch.isfinite(want).all()):
+            return False
         tol = 1e-4 if want.dtype in (torch.float32, torch.float64) else 3e-2
         if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
             raise ValueError(
                 f"checkpoint: the chain of {type(model).__name__} does not compute its forward "
                 "(a different forward or library version?); pass curvature.Chain(units=[...]) instead"
             )
+        return True
 
     def _run(self, units: Sequence[Unit], h: torch.Tensor) -> torch.Tensor:
         for u in units:
-            h = u(h)
+            h = _tensor(u(h), u)
         return h
 
-    def _tangent(self, lo: int, hi: int, x, xdot, vector, autocast):
+    def _tangent(self, lo: int, hi: int, x, xdot, vector, autocast, rng, devices):
         """``(f(x), d f(x)[xdot, v])`` of units ``lo:hi``: forward-mode AD, or (where an op has no
-        forward-mode rule, or CPU autocast) the same derivative from two reverse passes."""
+        forward-mode rule, or CPU autocast) the same derivative from two reverse passes. ``rng``:
+        the state the piece starts from (None: not in train mode), so a retry draws the same masks."""
         units = self.chain.units[lo:hi]
         if self._by_reverse:
             return self._tangent_by_reverse(lo, hi, x, xdot, vector, autocast)
@@ -313,7 +349,8 @@ class SegmentedHVP:
             from torch.func import functional_call
 
             with torch.no_grad(), fwad.dual_level(), autocast():
-                h = x.clone() if xdot is None else fwad.make_dual(x.clone(), xdot.to(x.dtype))
+                # copies: an in-place first op must change neither the kept cut nor its tangent
+                h = x.clone() if xdot is None else fwad.make_dual(x.clone(), xdot.to(x.dtype, copy=True))
                 for u, ps in zip(units, self.unit_params[lo:hi]):
                     if ps:
                         own = dict(u.named_parameters())
@@ -323,22 +360,28 @@ class SegmentedHVP:
                         h = functional_call(u, duals, (h,))
                     else:
                         h = u(h)
-                out, tangent = fwad.unpack_dual(h)
+                out, tangent = fwad.unpack_dual(_tensor(h, units[-1]))
             if tangent is None:
                 tangent = torch.zeros_like(out)
             return out, tangent
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
             self._by_reverse = True  # for the rest of this operator's products: failing costs a forward
+            if rng is not None:
+                self._set_rng(rng, devices)
             return self._tangent_by_reverse(lo, hi, x, xdot, vector, autocast)
 
     def _tangent_by_reverse(self, lo, hi, x, xdot, vector, autocast):
         """The double-vjp trick: ``J u = d/dw <J^T w, u>`` for a dummy cotangent ``w``."""
-        index = [i for ps in self.unit_params[lo:hi] for _, i in ps]
+        index = self._index(lo, hi)
         ps = [self.params[i] for i in index]
         tangents = [vector[i] for i in index]
         xin = x.detach().requires_grad_(xdot is not None)
         with torch.enable_grad(), autocast():
             y = self._run(self.chain.units[lo:hi], xin.clone())
+            if not y.requires_grad:  # depends on neither its input nor the block
+                return y.detach(), torch.zeros_like(y)
             w = torch.zeros_like(y, requires_grad=True)
             wrt = ([xin] if xdot is not None else []) + ps
             into = ([xdot] if xdot is not None else []) + tangents
@@ -349,25 +392,38 @@ class SegmentedHVP:
             (jvp,) = torch.autograd.grad([a for a, _ in used], w, [b for _, b in used], allow_unused=True)
         return y.detach(), torch.zeros_like(y) if jvp is None else jvp.detach()
 
-    def __call__(self, batch: Any, vector: Sequence[torch.Tensor], *, autocast, rules, scale: float = 1.0):
+    def __call__(
+        self,
+        batch: Any,
+        vector: Sequence[torch.Tensor],
+        *,
+        autocast_dtype: torch.dtype | None,
+        rules,
+        scale: float = 1.0,
+    ) -> list[torch.Tensor]:
         """``(H v)`` as fp32 tensors shaped like ``params``; ``rules`` is a context for the second-order
-        passes (our convolution rules), ``autocast`` one for every forward, ``scale`` the fp16 loss scale."""
+        passes (our convolution rules), ``autocast_dtype`` that of every forward, ``scale`` the fp16
+        loss scale."""
         units = self.chain.units
         x0 = self.chain.inputs(batch)
-        starts = self._starts(x0, autocast)
+
+        def autocast():
+            if autocast_dtype is None:
+                return contextlib.nullcontext()
+            return torch.autocast(device_type=x0.device.type, dtype=autocast_dtype)
+
+        devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
+        starts = self._starts(x0, autocast, autocast_dtype, devices)
         bounds = [*starts, len(units)]
         pieces = list(zip(bounds[:-1], bounds[1:]))
         has = [any(self.unit_params[u] for u in range(lo, hi)) for lo, hi in pieces]
         first = has.index(True)  # below it nothing depends on v
         training = any(m.training for m in self.model.modules())
-        devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
         # forward: each piece's input and its tangent along v (None: zero)
         cuts: list[tuple[torch.Tensor, torch.Tensor | None, Any]] = []
         x, xdot = x0, None
         for k, (lo, hi) in enumerate(pieces):
-            rng = (
-                (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]) if training else None
-            )
+            rng = self._rng(devices) if training else None
             cuts.append((x, xdot, rng) if k >= first else (None, None, None))
             if k == len(pieces) - 1:
                 break
@@ -375,7 +431,7 @@ class SegmentedHVP:
                 with torch.no_grad(), autocast():
                     x = self._run(units[lo:hi], x.clone())
             else:
-                x, xdot = self._tangent(lo, hi, x, xdot, vector, autocast)
+                x, xdot = self._tangent(lo, hi, x, xdot, vector, autocast, rng, devices)
         # backward, from the loss down to the first piece with parameters
         hv: list[torch.Tensor | None] = [None] * len(self.params)
         g: torch.Tensor | None = None
@@ -383,7 +439,7 @@ class SegmentedHVP:
         for k in range(len(pieces) - 1, first - 1, -1):
             lo, hi = pieces[k]
             x, xdot, rng = cuts[k]
-            index = [i for u in range(lo, hi) for _, i in self.unit_params[u]]
+            index = self._index(lo, hi)
             need_x = k > first
             xin = x.detach().requires_grad_(need_x)
             wrt = ([xin] if need_x else []) + [self.params[i] for i in index]
@@ -391,26 +447,29 @@ class SegmentedHVP:
             with contextlib.ExitStack() as stack:
                 if rng is not None:
                     stack.enter_context(torch.random.fork_rng(devices=devices))
-                    torch.set_rng_state(rng[0])
-                    for d, state in zip(devices, rng[1]):
-                        torch.cuda.set_rng_state(state, d)
+                    self._set_rng(rng, devices)
                 stack.enter_context(torch.enable_grad())
                 stack.enter_context(rules())
                 with autocast():
                     y = self._run(units[lo:hi], xin.clone())
                     if k == len(pieces) - 1:
                         y = self.chain.loss(y, batch)
-                top = torch.full_like(y, scale) if g is None else g.to(y.dtype)
-                grads = torch.autograd.grad(y, wrt, top, create_graph=True, allow_unused=True)
-                terms = [
-                    (_acc(a) * _acc(b)).sum() for a, b in zip(grads, along) if a is not None and b is not None
-                ]
-                if gdot is not None:
-                    terms.append((_acc(y) * _acc(gdot)).sum())
-                if terms:
-                    second = torch.autograd.grad(sum(terms), wrt, allow_unused=True)
+                if not y.requires_grad:  # a piece that depends on neither its input nor the block
+                    grads = second = (None,) * len(wrt)
                 else:
-                    second = (None,) * len(wrt)
+                    top = torch.full_like(y, scale) if g is None else g.to(y.dtype)
+                    grads = torch.autograd.grad(y, wrt, top, create_graph=True, allow_unused=True)
+                    terms = [
+                        (_acc(a) * _acc(b)).sum()
+                        for a, b in zip(grads, along)
+                        if a is not None and b is not None
+                    ]
+                    if gdot is not None:
+                        terms.append((_acc(y) * _acc(gdot)).sum())
+                    if terms:
+                        second = torch.autograd.grad(sum(terms), wrt, allow_unused=True)
+                    else:
+                        second = (None,) * len(wrt)
             if need_x:
                 g = grads[0].detach() if grads[0] is not None else torch.zeros_like(x)
                 gdot = second[0] if second[0] is not None else torch.zeros_like(x)
@@ -418,6 +477,6 @@ class SegmentedHVP:
                 if h is not None:
                     h = _acc(h)
                     hv[i] = h if hv[i] is None else hv[i] + h
-            del grads, second, terms, y
+            del grads, second, y
             cuts[k] = (None, None, None)  # this piece's cut is no longer needed
         return [torch.zeros_like(_acc(p)) if h is None else h / scale for p, h in zip(self.params, hv)]

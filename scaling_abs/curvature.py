@@ -470,7 +470,7 @@ class HessianOperator:
             return self._segmented(
                 batch,
                 vector,
-                autocast=lambda: _autocast(self.params, self.autocast_dtype),
+                autocast_dtype=self.autocast_dtype,
                 rules=lambda: _second_order.second_order_rules(self.model, self.custom_rules),
                 scale=FP16_LOSS_SCALE if self.autocast_dtype == torch.float16 else 1.0,
             )

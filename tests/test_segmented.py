@@ -258,3 +258,109 @@ def test_tangents_by_two_reverse_passes_where_forward_mode_fails(monkeypatch):
     monkeypatch.setattr(fwad, "make_dual", refuse)
     out = flat(hvp(model, cross_entropy_loss, batch, v, checkpoint=Chain(list(model), cuts=[0, 1, 2, 3, 4])))
     assert rel(out, h @ flat(v)) < 1e-12
+
+
+def _mlp_ref(net, batch, v, **kw):
+    return flat(hvp(net, cross_entropy_loss, batch, v, method="double_backward", **kw))
+
+
+def test_a_weight_used_twice_in_one_piece_counts_once():
+    torch.manual_seed(0)
+    inner = nn.Linear(6, 6)
+    net = nn.Sequential(nn.Linear(5, 6), inner, nn.Tanh(), inner, nn.Tanh(), nn.Linear(6, 3)).double()
+    batch = data()
+    v = [torch.randn_like(p) for p in net.parameters()]
+    for cuts in ([0], [0, 1, 5], None):
+        out = flat(hvp(net, cross_entropy_loss, batch, v, checkpoint=Chain(list(net), cuts=cuts)))
+        assert rel(out, _mlp_ref(net, batch, v)) < 1e-12, cuts
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.ELU])
+def test_an_in_place_unit_at_a_cut_changes_neither_the_cut_nor_its_tangent(act):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(5, 8), act(inplace=True), nn.Linear(8, 8), act(inplace=True), nn.Linear(8, 3)
+    )
+    net, batch = net.double(), data()
+    v = [torch.randn_like(p) for p in net.parameters()]
+    out = flat(hvp(net, cross_entropy_loss, batch, v, checkpoint=Chain(list(net), cuts=[0, 1, 3])))
+    assert rel(out, _mlp_ref(net, batch, v)) < 1e-12
+
+
+def dropout_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def test_planning_and_the_forward_mode_fallback_keep_the_dropout_masks(monkeypatch):
+    import torch.autograd.forward_ad as fwad
+
+    net, batch = dropout_mlp(), data()
+    v = [torch.randn_like(p) for p in net.parameters()]
+    torch.manual_seed(7)
+    ref = _mlp_ref(net, batch, v, bn_mode="train")
+    torch.manual_seed(7)  # the first product plans and checks the chain: neither may draw masks
+    assert rel(flat(hvp(net, cross_entropy_loss, batch, v, checkpoint=True, bn_mode="train")), ref) < 1e-12
+
+    def refuse_after_drawing(*a, **k):
+        torch.rand(1)  # a failed forward-mode attempt that had drawn from the RNG already
+        raise NotImplementedError("simulated")
+
+    monkeypatch.setattr(fwad, "make_dual", refuse_after_drawing)
+    torch.manual_seed(7)
+    ch = Chain(list(net), cuts=[0, 2])
+    assert rel(flat(hvp(net, cross_entropy_loss, batch, v, checkpoint=ch, bn_mode="train")), ref) < 1e-12
+
+
+def test_the_chain_check_covers_given_cuts_and_train_mode():
+    class NoDrop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.d, self.b = nn.Linear(5, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.d(self.a(x))))
+
+        def hessian_units(self):
+            return [self.a, torch.tanh, self.b]  # the Dropout is missing: right in eval mode only
+
+    net = NoDrop().double()
+    v = [torch.randn_like(p) for p in net.parameters()]
+    hvp(net, cross_entropy_loss, data(), v, checkpoint=True)  # eval mode: the chain is right
+    with pytest.raises(ValueError, match="does not compute its forward"):
+        hvp(net, cross_entropy_loss, data(), v, checkpoint=True, bn_mode="train")
+    with pytest.raises(ValueError, match="does not compute its forward"):
+        ch = Chain(net.hessian_units(), model=net, cuts=[0, 2])
+        hvp(net, cross_entropy_loss, data(), v, checkpoint=ch, bn_mode="train")
+
+
+def test_a_non_finite_batch_is_reported_not_raised():
+    net, (x, y) = dropout_mlp(), data()
+    x[0, 0] = float("nan")
+    res = top_eigenvalue(net, cross_entropy_loss, [(x, y)], max_iter=3, checkpoint=True)
+    assert not res.finite
+
+
+def test_a_piece_that_depends_on_nothing_gives_zero():
+    class Constant(nn.Module):
+        def forward(self, x):
+            return torch.ones_like(x).detach()
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), Constant(), nn.Linear(4, 3)).double()
+    v = [torch.randn_like(p) for p in net.parameters()]
+    ref = _mlp_ref(net, data(), v)
+    for cuts in ([0, 2, 3], None):
+        out = flat(hvp(net, cross_entropy_loss, data(), v, checkpoint=Chain(list(net), cuts=cuts)))
+        assert rel(out, ref) < 1e-12, cuts
+
+
+def test_a_unit_that_returns_a_tuple_is_named():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    net = nn.Sequential(nn.Linear(5, 3)).double()
+    v = [torch.ones_like(p) for p in net.parameters()]
+    with pytest.raises(ValueError, match="unit Pair returned tuple"):
+        hvp(net, cross_entropy_loss, data(), v, checkpoint=Chain([net[0], Pair()]))
