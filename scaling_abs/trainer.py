@@ -230,6 +230,7 @@ class Trainer:
                 "nn.Sequential, torchvision ResNet / AlexNet, transformers ViT, or a hessian_units() method)"
             )
         self._chain: curvature.Chain | None = None  # the live model's, so its cuts are planned once
+        self._chain_plans: dict = {}  # shared with ZeRO-3's per-check copies (same architecture)
         # ZeRO-3 checks run on a plain copy of the model (see _curvature_model): its blueprint is
         # taken here, before prepare partitions the parameters.
         ds_stage = (
@@ -410,11 +411,16 @@ class Trainer:
         return plain
 
     def _hessian_chain(self, model: torch.nn.Module) -> curvature.Chain:
-        """The model's chain; the live model's is kept (ZeRO-3's per-check copies get a new one)."""
+        """The model's chain; the live model's is kept. ZeRO-3's per-check copies get a new one (it
+        must point at the copy's modules) that shares the planned cuts, so only the first check
+        plans and checks the chain."""
         if model is not self.raw_model:
-            return curvature.chain(model)
+            ch = curvature.chain(model)
+            ch._plans = self._chain_plans
+            return ch
         if self._chain is None:
             self._chain = curvature.chain(model)
+            self._chain._plans = self._chain_plans
         return self._chain
 
     def _check(self) -> dict[str, Any]:
