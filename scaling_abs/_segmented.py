@@ -24,6 +24,7 @@ Exact: the same ``H v`` up to rounding (tests against dense Hessians in fp64).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,8 +169,14 @@ def units_of(model: nn.Module) -> list[Unit] | None:
     return None
 
 
+# model -> (ids of its modules, its chains' plans): calls with checkpoint=True plan and check once
+# per model and input shape, until the model's modules change. Weak keys; the values hold no module.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def chain(model: nn.Module) -> Chain:
-    """:class:`Chain` of ``model`` for ``curvature.cross_entropy_loss`` (see :func:`units_of`)."""
+    """:class:`Chain` of ``model`` for ``curvature.cross_entropy_loss`` (see :func:`units_of`);
+    chains of the same model share their plans (and checks) while its modules stay the same."""
     units = units_of(model)
     if not units:
         raise ValueError(
@@ -177,7 +184,11 @@ def chain(model: nn.Module) -> Chain:
             "nn.Sequential, torchvision ResNet / AlexNet, transformers ViT, or a model with a hessian_units() "
             "method); pass curvature.Chain(units=[...]) instead"
         )
-    return Chain(units, model=model)
+    ids = tuple(id(m) for m in model.modules())
+    cached = _PLANS.get(model)
+    if cached is None or cached[0] != ids:
+        cached = _PLANS[model] = (ids, {})
+    return Chain(units, model=model, _plans=cached[1])
 
 
 def plan(outputs: Sequence[int], saved: Sequence[int], factor: float = GRAPH_FACTOR) -> list[int]:

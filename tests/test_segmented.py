@@ -364,3 +364,18 @@ def test_a_unit_that_returns_a_tuple_is_named():
     v = [torch.ones_like(p) for p in net.parameters()]
     with pytest.raises(ValueError, match="unit Pair returned tuple"):
         hvp(net, cross_entropy_loss, data(), v, checkpoint=Chain([net[0], Pair()]))
+
+
+def test_repeated_checks_plan_and_check_the_chain_once(monkeypatch):
+    from scaling_abs import _segmented
+
+    planned = []
+    original = _segmented.measure
+    monkeypatch.setattr(_segmented, "measure", lambda *a: planned.append(1) or original(*a))
+    model, batch = bn_cnn_with_stats()
+    for _ in range(3):
+        top_eigenvalue(model, cross_entropy_loss, [batch], max_iter=2, checkpoint=True)
+    assert len(planned) == 1
+    model[4] = nn.Linear(3 * 4 * 4, 3).double()  # a changed model is planned (and checked) again
+    top_eigenvalue(model, cross_entropy_loss, [batch], max_iter=2, checkpoint=True)
+    assert len(planned) == 2
