@@ -231,6 +231,12 @@ class Trainer:
             )
         self._chain: curvature.Chain | None = None  # the live model's, so its cuts are planned once
         self._chain_plans: dict = {}  # shared with ZeRO-3's per-check copies (same architecture)
+        # What checks use after running out of memory once (single process: see _shrink_checks).
+        self._check_memory = {
+            "reuse_graph": _AUTO_BOOL[cfg.hessian_reuse_graph],
+            "checkpoint": cfg.hessian_checkpoint,
+            "micro": cfg.hessian_micro_batch_size or cfg.micro_batch_size,
+        }
         # ZeRO-3 checks run on a plain copy of the model (see _curvature_model): its blueprint is
         # taken here, before prepare partitions the parameters.
         ds_stage = (
@@ -384,7 +390,7 @@ class Trainer:
         share = n // acc.num_processes
         idx = idx[acc.process_index * share : (acc.process_index + 1) * share]
         batches = []
-        micro = cfg.hessian_micro_batch_size or cfg.micro_batch_size
+        micro = self._check_memory["micro"]
         for i in range(0, len(idx), micro):
             x, y = collate_batch(_fetch(self.data.train, idx[i : i + micro]))
             batches.append((x.to(acc.device), y.to(acc.device)))
@@ -410,6 +416,25 @@ class Trainer:
         plain.train(self.raw_model.training)
         return plain
 
+    def _shrink_checks(self, model: torch.nn.Module) -> str | None:
+        """After a check ran out of memory: the next memory lever, kept for the rest of the run. In
+        order: fresh graphs instead of every micro-batch's kept one, checkpointed products (where the
+        model has a chain), half the micro-batch (down to 1). None: nothing left, or several
+        processes (one rank retrying alone would leave the others waiting in an all-reduce)."""
+        mem = self._check_memory
+        if self.accelerator.num_processes > 1:
+            return None
+        if mem["reuse_graph"] is True:
+            mem["reuse_graph"] = False
+            return "it builds each micro-batch's graph afresh (hessian_reuse_graph=false)"
+        if not mem["checkpoint"] and curvature.units_of(model) is not None:
+            mem["checkpoint"], mem["reuse_graph"] = True, "auto"
+            return "its products are checkpointed (hessian_checkpoint=true)"
+        if mem["micro"] > 1:
+            mem["micro"] = max(1, mem["micro"] // 2)
+            return f"its micro-batches hold {mem['micro']} samples (hessian_micro_batch_size={mem['micro']})"
+        return None
+
     def _hessian_chain(self, model: torch.nn.Module) -> curvature.Chain:
         """The model's chain; the live model's is kept. ZeRO-3's per-check copies get a new one (it
         must point at the copy's modules) that shares the planned cuts, so only the first check
@@ -431,22 +456,40 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         seed = cfg.seed + self.state.checks
         init = self.curvature_state.start(params, seed=seed) if cfg.hessian_warm_start else None
-        result = curvature.top_eigenvalue(
-            model,
-            curvature.cross_entropy_loss,
-            self._hessian_batches(),
-            params=params,
-            max_iter=cfg.hessian_iters,
-            tol=cfg.hessian_tol,
-            seed=seed,
-            bn_mode=cfg.hessian_bn_mode,
-            autocast_dtype=dtype,
-            reuse_graph=_AUTO_BOOL[cfg.hessian_reuse_graph],
-            custom_rules=_AUTO_BOOL[cfg.hessian_custom_rules],
-            init=init,
-            solver=cfg.hessian_solver,
-            checkpoint=self._hessian_chain(model) if cfg.hessian_checkpoint else False,
-        )
+        shrunk = []
+        while True:
+            mem = self._check_memory
+            try:
+                result = curvature.top_eigenvalue(
+                    model,
+                    curvature.cross_entropy_loss,
+                    self._hessian_batches(),
+                    params=params,
+                    max_iter=cfg.hessian_iters,
+                    tol=cfg.hessian_tol,
+                    seed=seed,
+                    bn_mode=cfg.hessian_bn_mode,
+                    autocast_dtype=dtype,
+                    reuse_graph=mem["reuse_graph"],
+                    custom_rules=_AUTO_BOOL[cfg.hessian_custom_rules],
+                    init=init,
+                    solver=cfg.hessian_solver,
+                    checkpoint=self._hessian_chain(model) if mem["checkpoint"] else False,
+                )
+                break
+            except torch.OutOfMemoryError as e:
+                change = self._shrink_checks(model)
+                if change is None:
+                    e.add_note(
+                        "scaling_abs: a curvature check ran out of memory; smaller checks: "
+                        "hessian_micro_batch_size, hessian_checkpoint=true, hessian_samples"
+                    )
+                    raise
+                shrunk.append(change)
+                warnings.warn(f"a curvature check ran out of memory; from now on {change}", stacklevel=2)
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         if result.finite:  # a non-finite estimate leaves the schedule alone, and the start vector too
             self.curvature_state.eigenvector = [v.detach().cpu() for v in result.eigenvector]
         before = self.schedule.at(self.epoch).batch_size
@@ -468,7 +511,9 @@ class Trainer:
             "solver": cfg.hessian_solver,
             "hessian_samples": self.cfg.hessian_samples,
             "block": cfg.hessian_block,
-            "checkpoint": cfg.hessian_checkpoint,
+            "checkpoint": self._check_memory["checkpoint"],
+            "hessian_micro_batch_size": self._check_memory["micro"],
+            "out_of_memory": shrunk,
             "seconds": seconds,
             "batch_before": before,
             "batch_after": after,

@@ -1,6 +1,7 @@
 """The loop's promises: accumulation == one big batch, N processes == 1, resume == uninterrupted."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -180,6 +181,41 @@ def test_checkpointed_checks_need_a_model_with_a_chain(tmp_path, monkeypatch):
     monkeypatch.setattr(curvature, "units_of", lambda model: None)  # as for an hf: model without one
     with pytest.raises(UserError, match="hessian_checkpoint: model mlp cannot be split"):
         run(tmp_path, "mlp", hessian_checkpoint=True)
+
+
+def test_a_check_that_runs_out_of_memory_retries_smaller(tmp_path, monkeypatch):
+    from scaling_abs import curvature
+
+    original, calls = curvature.top_eigenvalue, []
+
+    def tight(model, loss_fn, batches, **kw):  # fits only checkpointed, in micro-batches of <= 16
+        calls.append((kw["reuse_graph"], bool(kw["checkpoint"]), max(len(b[1]) for b in batches)))
+        if kw["reuse_graph"] is True or not kw["checkpoint"] or calls[-1][2] > 16:
+            raise torch.OutOfMemoryError("simulated")
+        return original(model, loss_fn, batches, **kw)
+
+    monkeypatch.setattr(curvature, "top_eigenvalue", tight)
+    kw = {"model": "cnn", "strategy": "abs", "hessian_every": 256, "hessian_reuse_graph": "true"}
+    with pytest.warns(UserWarning, match="ran out of memory"):
+        run(tmp_path, "oom", **kw)
+    checks = [r for r in read_metrics(tmp_path / "oom") if r["kind"] == "check"]
+    assert checks[0]["out_of_memory"] == [
+        "it builds each micro-batch's graph afresh (hessian_reuse_graph=false)",
+        "its products are checkpointed (hessian_checkpoint=true)",
+        "its micro-batches hold 32 samples (hessian_micro_batch_size=32)",
+        "its micro-batches hold 16 samples (hessian_micro_batch_size=16)",
+    ]
+    assert all(c["checkpoint"] and c["hessian_micro_batch_size"] == 16 for c in checks)
+    assert all(c["out_of_memory"] == [] for c in checks[1:])  # the later checks start small
+    assert len(checks) >= 2 and all(math.isfinite(c["eigenvalue"]) for c in checks)
+
+    def never(*a, **k):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(curvature, "top_eigenvalue", never)
+    with pytest.raises(torch.OutOfMemoryError) as info, pytest.warns(UserWarning, match="ran out of memory"):
+        run(tmp_path, "hopeless", **kw, hessian_micro_batch_size=1, hessian_checkpoint=False)
+    assert "hessian_micro_batch_size" in "".join(getattr(info.value, "__notes__", []))
 
 
 def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypatch):
