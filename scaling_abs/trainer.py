@@ -487,9 +487,10 @@ class Trainer:
                     raise
                 shrunk.append(change)
                 warnings.warn(f"a curvature check ran out of memory; from now on {change}", stacklevel=2)
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            # here, not in the except clause: its traceback still holds the failed attempt's tensors
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if result.finite:  # a non-finite estimate leaves the schedule alone, and the start vector too
             self.curvature_state.eigenvector = [v.detach().cpu() for v in result.eigenvector]
         before = self.schedule.at(self.epoch).batch_size
