@@ -40,6 +40,7 @@ GRAPH_FACTOR = 3.0
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulation precision: fp32 for half types and fp32, fp64 stays fp64 (curvature's too)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -90,8 +91,7 @@ class _Normalize(nn.Module):
         self.owner = [owner]  # a list: not a submodule, so its parameters are not counted twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = self.owner[0]
-        return x if o.mean is None else (x - o.mean.to(x.dtype)) / o.std.to(x.dtype)
+        return self.owner[0].normalize(x)
 
 
 class _Embeddings(nn.Module):
@@ -302,10 +302,11 @@ class SegmentedHVP:
         for d, state in zip(devices, rng[1]):
             torch.cuda.set_rng_state(state, d)
 
-    def _starts(self, x: torch.Tensor, autocast, autocast_dtype, devices: list[int]) -> list[int]:
+    def _starts(
+        self, x: torch.Tensor, autocast, autocast_dtype, devices: list[int], training: bool
+    ) -> list[int]:
         """Where the pieces start; at the first product for a shape, the chain is checked against
         the model (when it has one) and the cuts are planned. Neither draws from the global RNG."""
-        training = any(m.training for m in self.model.modules())
         key = (tuple(x.shape), x.dtype, x.device.type, autocast_dtype, training)
         starts = self.chain._plans.get(key)
         if starts is None:
@@ -424,12 +425,12 @@ class SegmentedHVP:
             return torch.autocast(device_type=x0.device.type, dtype=autocast_dtype)
 
         devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
-        starts = self._starts(x0, autocast, autocast_dtype, devices)
+        training = any(m.training for m in self.model.modules())
+        starts = self._starts(x0, autocast, autocast_dtype, devices, training)
         bounds = [*starts, len(units)]
         pieces = list(zip(bounds[:-1], bounds[1:]))
         has = [any(self.unit_params[u] for u in range(lo, hi)) for lo, hi in pieces]
         first = has.index(True)  # below it nothing depends on v
-        training = any(m.training for m in self.model.modules())
         # forward: each piece's input and its tangent along v (None: zero)
         cuts: list[tuple[torch.Tensor, torch.Tensor | None, Any]] = []
         x, xdot = x0, None

@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scaling_abs import _second_order, _segmented, distributed
-from scaling_abs._segmented import Chain, units_of  # noqa: F401 (public here)
+from scaling_abs._segmented import Chain, _acc, _cross_entropy_head, units_of  # noqa: F401 (Chain, units_of: public here)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 METHODS = ("auto", "double_backward", "forward_over_reverse")
@@ -67,8 +66,7 @@ class TraceResult:
 
 def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The ``loss_fn`` for ``(inputs, targets)`` batches, computed in fp32 (fp64 for an fp64 model)."""
-    inputs, targets = batch
-    return F.cross_entropy(_acc(model(inputs)), targets)
+    return _cross_entropy_head(model(batch[0]), batch)
 
 
 def last_layers(model: nn.Module, n: int) -> list[nn.Parameter]:
@@ -140,11 +138,6 @@ def _batch_size(batch: Any) -> int:
     if isinstance(batch, dict):
         return _batch_size(next(iter(batch.values())))
     return _batch_size(batch[0])
-
-
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """Accumulation precision: fp32 for half types and fp32, fp64 stays fp64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _zeros(p: torch.Tensor) -> torch.Tensor:
@@ -377,7 +370,8 @@ def hvp(
     params = _trainable(model, params)
     _check_shapes(vector, params, "vector")
     with _checking(model, bn_mode, sdpa_math):
-        if _chain(model, loss_fn, checkpoint) is not None:
+        ch = _chain(model, loss_fn, checkpoint)
+        if ch is not None:
             op = HessianOperator(
                 model,
                 loss_fn,
@@ -386,7 +380,7 @@ def hvp(
                 autocast_dtype=autocast_dtype,
                 sdpa_math=sdpa_math,
                 custom_rules=custom_rules,
-                checkpoint=checkpoint,
+                checkpoint=ch,
                 reduce=False,
             )
             return op(vector)

@@ -229,8 +229,7 @@ class Trainer:
                 f"hessian_checkpoint: model {cfg.model} cannot be split into pieces (known: the zoo's models, "
                 "nn.Sequential, torchvision ResNet / AlexNet, transformers ViT, or a hessian_units() method)"
             )
-        self._chain: curvature.Chain | None = None  # the live model's, so its cuts are planned once
-        self._chain_plans: dict = {}  # shared with ZeRO-3's per-check copies (same architecture)
+        self._chain_plans: dict = {}  # every check's chain plans here (ZeRO-3 checks a new copy each time)
         # What checks use after running out of memory once (single process: see _shrink_checks).
         self._check_memory = {
             "reuse_graph": _AUTO_BOOL[cfg.hessian_reuse_graph],
@@ -436,17 +435,11 @@ class Trainer:
         return None
 
     def _hessian_chain(self, model: torch.nn.Module) -> curvature.Chain:
-        """The model's chain; the live model's is kept. ZeRO-3's per-check copies get a new one (it
-        must point at the copy's modules) that shares the planned cuts, so only the first check
-        plans and checks the chain."""
-        if model is not self.raw_model:
-            ch = curvature.chain(model)
-            ch._plans = self._chain_plans
-            return ch
-        if self._chain is None:
-            self._chain = curvature.chain(model)
-            self._chain._plans = self._chain_plans
-        return self._chain
+        """The model's chain, sharing the run's planned cuts: only the first check plans and checks
+        the chain, also under ZeRO-3, whose checks run on a new plain copy of the model each time."""
+        ch = curvature.chain(model)
+        ch._plans = self._chain_plans
+        return ch
 
     def _check(self) -> dict[str, Any]:
         cfg = self.cfg

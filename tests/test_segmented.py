@@ -23,6 +23,21 @@ def bn_cnn_with_stats(seed: int = 0) -> tuple[nn.Module, tuple]:
     return model, (x, y)
 
 
+class TanhNet(nn.Module):
+    """``b(tanh(a(x)))``, whose ``hessian_units()`` is right, or leaves the tanh out."""
+
+    def __init__(self, units_with_tanh: bool = True):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.units_with_tanh = units_with_tanh
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+    def hessian_units(self):
+        return [self.a, torch.tanh, self.b] if self.units_with_tanh else [self.a, self.b]
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -188,18 +203,7 @@ def test_units_of_knows_sequential_resnet_normalized_and_hessian_units():
     resnet = torchvision.models.resnet18(num_classes=3)
     assert len(curvature.units_of(resnet)) == 4 + 8 + 3
 
-    class Own(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.b(torch.tanh(self.a(x)))
-
-        def hessian_units(self):
-            return [self.a, torch.tanh, self.b]
-
-    own = Own().double()
+    own = TanhNet().double()
     batch = data()
     v = [torch.randn_like(p) for p in own.parameters()]
     h = dense_hessian(own, batch)
@@ -223,18 +227,7 @@ def test_every_zoo_model_has_a_chain_that_gives_the_plain_hvp(name):
 
 
 def test_a_chain_that_is_not_the_forward_is_refused():
-    class Wrong(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.b(torch.tanh(self.a(x)))
-
-        def hessian_units(self):
-            return [self.a, self.b]  # the tanh is missing
-
-    wrong = Wrong().double()
+    wrong = TanhNet(units_with_tanh=False).double()
     with pytest.raises(ValueError, match="does not compute its forward"):
         hvp(
             wrong,

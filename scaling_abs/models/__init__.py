@@ -69,10 +69,13 @@ class Normalized(nn.Module):
             "std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1) if c else None, persistent=False
         )
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return x
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mean is not None:
-            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return self.model(x)
+        return self.model(self.normalize(x))
 
 
 def build_model(
