@@ -229,6 +229,30 @@ def plan(outputs: Sequence[int], saved: Sequence[int], factor: float = GRAPH_FAC
     return best_starts
 
 
+def _same_dtype_tangent(module: nn.Module, args: Any, out: Any) -> Any:
+    """A forward hook for the tangent pass: a dual output whose tangent's dtype differs from its
+    value's gets the value's. ``batch_norm``'s forward-mode rule gives a bf16 input an fp32 tangent
+    (its fp32 weight and running statistics win the type promotion), and the next convolution
+    refuses the mix ("Input type ... and weight type ... should be the same"): every ResNet block
+    under autocast fell back to two reverse passes."""
+    import torch.autograd.forward_ad as fwad
+
+    if isinstance(out, torch.Tensor):
+        value, tangent = fwad.unpack_dual(out)
+        if tangent is not None and tangent.dtype != value.dtype:
+            return fwad.make_dual(value, tangent.to(value.dtype))
+    return None
+
+
+@contextlib.contextmanager
+def _tangents_follow_values() -> Any:
+    handle = torch.nn.modules.module.register_module_forward_hook(_same_dtype_tangent)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _tensor(out: Any, unit: Unit) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise ValueError(
@@ -351,7 +375,7 @@ class SegmentedHVP:
 
     def _tangent(self, lo: int, hi: int, x, xdot, vector, autocast, rng, devices):
         """``(f(x), d f(x)[xdot, v])`` of units ``lo:hi``: forward-mode AD, or (where an op has no
-        forward-mode rule, or CPU autocast) the same derivative from two reverse passes. ``rng``:
+        forward-mode rule) the same derivative from two reverse passes. ``rng``:
         the state the piece starts from (None: not in train mode), so a retry draws the same masks."""
         units = self.chain.units[lo:hi]
         if self._by_reverse:
@@ -360,7 +384,7 @@ class SegmentedHVP:
             import torch.autograd.forward_ad as fwad
             from torch.func import functional_call
 
-            with torch.no_grad(), fwad.dual_level(), autocast():
+            with torch.no_grad(), fwad.dual_level(), autocast(), _tangents_follow_values():
                 # copies: an in-place first op must change neither the kept cut nor its tangent
                 h = x.clone() if xdot is None else fwad.make_dual(x.clone(), xdot.to(x.dtype, copy=True))
                 for u, ps in zip(units, self.unit_params[lo:hi]):
