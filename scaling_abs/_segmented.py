@@ -24,6 +24,7 @@ Exact: the same ``H v`` up to rounding (tests against dense Hessians in fp64).
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -404,6 +405,13 @@ class SegmentedHVP:
             if isinstance(e, torch.OutOfMemoryError):
                 raise
             self._by_reverse = True  # for the rest of this operator's products: failing costs a forward
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(
+                f"checkpointed HVP: forward-mode AD failed ({reason[:200]}); the tangents come from "
+                "two reverse passes per piece instead (the same result, slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             if rng is not None:
                 self._set_rng(rng, devices)
             return self._tangent_by_reverse(lo, hi, x, xdot, vector, autocast)
