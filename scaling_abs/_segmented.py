@@ -254,6 +254,44 @@ def _tangents_follow_values() -> Any:
         handle.remove()
 
 
+class _TangentAsValue(torch.autograd.Function):
+    """Identity for values and gradients whose forward-mode tangent takes the value's dtype: the
+    same mend as :func:`_same_dtype_tangent` where the tangent cannot be read (``torch.func.jvp``).
+    A copy, not a view: a custom Function returning a view must return a view as its tangent too."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        return tangent.to(ctx.dtype)
+
+
+def _batchnorm_tangent_as_value(module: nn.Module, args: Any, out: Any) -> Any:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(out, torch.Tensor):
+        return _TangentAsValue.apply(out)
+    return None
+
+
+@contextlib.contextmanager
+def batchnorm_tangents_follow_values() -> Any:
+    """For ``torch.func.jvp`` under autocast: BatchNorm outputs' tangents take their values' dtype."""
+    handle = torch.nn.modules.module.register_module_forward_hook(_batchnorm_tangent_as_value)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _tensor(out: Any, unit: Unit) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise ValueError(

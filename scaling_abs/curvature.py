@@ -8,9 +8,10 @@ DDP's all-reduce, so it is explicit here).
 
 Two HVP methods:
 * ``double_backward``: ``grad(<grad(L), v>)``, the classic one (PyHessian, the paper's code); works
-  with non-reentrant activation checkpointing and CPU autocast.
+  with non-reentrant activation checkpointing and autocast.
 * ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad``; one pass yields the gradient
-  and the HVP together. Fails with activation checkpointing and CPU autocast. ``auto`` uses double
+  and the HVP together. Fails with activation checkpointing and, under autocast, with the ViT (the
+  BatchNorm models work: their tangents are cast back, see ``_segmented``). ``auto`` uses double
   backward on CPU (1.7x faster for the small CNN, 8x for the MLP on 2 cores) and on an accelerator
   measures both once per kind of model and keeps the faster.
 
@@ -222,7 +223,10 @@ def _forward_over_reverse(model, loss_fn, batch, params, vector, autocast_dtype)
     keys = [names[id(p)] for p in params]
 
     def loss_of(*flat):
-        with _autocast(params, autocast_dtype):
+        # batch_norm's forward-mode rule gives a bf16 value an fp32 tangent, which the next
+        # convolution refuses: under autocast, BatchNorm outputs get their tangents cast back.
+        mend = _segmented.batchnorm_tangents_follow_values() if autocast_dtype else contextlib.nullcontext()
+        with _autocast(params, autocast_dtype), mend:
             return _acc(functional_call(wrapper, {**fixed, **dict(zip(keys, flat))}, (batch,)))
 
     primals = tuple(p.detach() for p in params)
@@ -276,9 +280,8 @@ def grad_and_hvp(
     key = (_architecture(model), device.type, autocast_dtype, rules)
     choice = _AUTO_CHOICE.get(key)
     if choice is None and device.type == "cpu":
-        # Forward-mode AD does not mix with CPU autocast, and on CPU double backward was faster for
-        # every model we measured (benchmarks/bench_hvp.py); timing both would also pay torch.func's
-        # ~2 s first-call set-up.
+        # On CPU double backward was faster for every model we measured (benchmarks/bench_hvp.py);
+        # timing both would also pay torch.func's ~2 s first-call set-up.
         choice = _AUTO_CHOICE[key] = "double_backward"
     if choice == "double_backward":
         return _double_backward(*args, rules)

@@ -12,7 +12,7 @@ from scaling_abs import curvature
 from scaling_abs._segmented import measure, plan
 from scaling_abs.curvature import Chain, cross_entropy_loss, hvp, top_eigenvalue
 from scaling_abs.models import Normalized, build_model
-from tests.test_curvature import data, dense_hessian, flat, tiny_bn_cnn
+from tests.test_curvature import conv_bn_conv, data, dense_hessian, flat, tiny_bn_cnn
 
 
 def bn_cnn_with_stats(seed: int = 0) -> tuple[nn.Module, tuple]:
@@ -169,15 +169,7 @@ def test_tangents_under_autocast_need_no_fallback(dtype, monkeypatch):
     convolution refused it, and every product fell back to two reverse passes per piece."""
     from scaling_abs import _segmented
 
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
-    )  # fmt: skip
-    net.train()(torch.rand(16, 1, 6, 6))  # running statistics that are not 0 and 1
-    net.eval()
-    batch = (torch.rand(16, 1, 6, 6), torch.randint(0, 3, (16,)))
+    net, batch = conv_bn_conv()
     v = [torch.randn_like(p) for p in net.parameters()]
     # bf16 is 7-11 % off fp32 on this tiny net in either path: compare with the plain product
     ref = flat(hvp(net, cross_entropy_loss, batch, v, method="double_backward", autocast_dtype=dtype))
