@@ -1,5 +1,5 @@
-"""Our own differentiation rules for convolutions and eval-mode BatchNorm, for gradient graphs that
-will be differentiated a second time (``create_graph=True``, then ``H v``).
+"""Our own differentiation rules for convolutions, eval-mode BatchNorm, ReLU and max pooling, for
+gradient graphs that will be differentiated a second time (``create_graph=True``, then ``H v``).
 
 Why: PyTorch's generic double-backward formula for a convolution computes the weight-gradient part
 as a convolution of the transposed input with the transposed output gradient (a kernel as large as
@@ -12,12 +12,17 @@ eval-mode BatchNorm is the per-channel affine map it is, ``x * s + t`` with
 ``s = w / sqrt(var + eps)``, ``t = b - mean * s`` (written as a multiply and an add: ``addcmul``'s
 backward keeps a full-size copy of ``x`` in a second-order graph). The values and both derivatives
 are the same functions, so the HVP is the same up to rounding (tests: dense fp64 Hessians to 1e-10,
-ResNet-18 in fp32 to 1e-5). Measured (``benchmarks/bench_hvp.py``): see the README.
+ResNet-18 in fp32 to 1e-5). ReLU and max pooling are piecewise linear, so their backward's
+derivative in the forward input is zero; PyTorch's rules build it as a zeros tensor of the input's
+size and carry it back through the forward graph below (on the small CNN at 512 images: 12 ms of
+fills and the additions and multiplications behind them in a 102 ms product); ours leave it out.
+Measured (``benchmarks/bench_hvp.py``): see the README.
 
 Used only while :mod:`scaling_abs.curvature` builds and differentiates a gradient graph
-(:func:`second_order_rules`): the model's ``nn.Conv1d/2d/3d`` and ``nn.BatchNorm*`` modules are
-redirected; anything else (non-zero padding modes, string padding, unbatched inputs, BatchNorm with
-batch statistics, functional calls, transposed convolutions, other layers) runs PyTorch's own rules.
+(:func:`second_order_rules`): the model's ``nn.Conv1d/2d/3d``, ``nn.BatchNorm*``, ``nn.ReLU`` and
+``nn.MaxPool2d`` modules are redirected; anything else (non-zero padding modes, string padding,
+unbatched inputs, BatchNorm with batch statistics, pooling that returns its indices, functional
+calls, transposed convolutions, other layers) runs PyTorch's own rules.
 """
 
 from __future__ import annotations
@@ -138,6 +143,72 @@ def _eval_batch_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)  # autocast: BatchNorm keeps its input's
 
 
+class _ReluGrad(Function):
+    """``g * (y > 0)`` for ReLU's output ``y``: linear in ``g``. Its derivative in ``y`` is zero
+    (ReLU is piecewise linear); PyTorch's rule builds it as a full-size zeros tensor and sends it back
+    through the whole forward graph below, which is None here."""
+
+    @staticmethod
+    def forward(ctx, g, y):
+        ctx.save_for_backward(y)
+        return torch.ops.aten.threshold_backward(g, y, 0)
+
+    @staticmethod
+    def backward(ctx, gg):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(gg, y, 0), None
+
+
+class _Relu(Function):
+    """``relu(x)`` (never in place: the output is saved) whose backward is :class:`_ReluGrad`."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.relu(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return _ReluGrad.apply(g, y)
+
+
+class _MaxPoolGrad(Function):
+    """Max pooling's input gradient: ``g`` added at each window's argmax (``idx``, flat over the
+    plane, as ``max_pool2d_with_indices`` gives it). Linear in ``g``; no derivative in the input,
+    which PyTorch's rule builds as a zeros tensor of the input's size."""
+
+    @staticmethod
+    def forward(ctx, g, idx, shape):
+        ctx.save_for_backward(idx)
+        n, c = g.shape[:2]
+        out = g.new_zeros(n, c, shape[2] * shape[3])
+        return out.scatter_add_(2, idx.reshape(n, c, -1), g.reshape(n, c, -1)).view(shape)
+
+    @staticmethod
+    def backward(ctx, gg):
+        (idx,) = ctx.saved_tensors
+        n, c = idx.shape[:2]
+        return gg.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).view(idx.shape), None, None
+
+
+class _MaxPool(Function):
+    """``max_pool2d`` whose backward is :class:`_MaxPoolGrad` (keeps the indices, not the input)."""
+
+    @staticmethod
+    def forward(ctx, x, conf):
+        out, idx = torch.ops.aten.max_pool2d_with_indices(x, *conf)
+        ctx.save_for_backward(idx)
+        ctx.shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        return _MaxPoolGrad.apply(g, idx, ctx.shape), None
+
+
 # The rules are bound to each module as an instance attribute (``types.MethodType``, so a deepcopy
 # made meanwhile rebinds to the copy). Convolutions: ``_conv_forward(input, weight, bias)``, which
 # ``nn.Conv1d/2d/3d.forward`` calls and subclasses that transform the weight (weight
@@ -173,6 +244,26 @@ def _batch_norm_forward(self, input):  # noqa: A002
     return _eval_batch_norm(self, input)
 
 
+def _relu_forward(self, input):  # noqa: A002
+    if _inactive(self):
+        return type(self).forward(self, input)
+    return _Relu.apply(input)
+
+
+def _max_pool_forward(self, input):  # noqa: A002
+    if _inactive(self) or self.return_indices or input.dim() != 4:
+        return type(self).forward(self, input)  # indices asked for, unbatched inputs
+    pair = torch.nn.modules.utils._pair
+    conf = (
+        pair(self.kernel_size),
+        pair(self.stride),
+        pair(self.padding),
+        pair(self.dilation),
+        self.ceil_mode,
+    )
+    return _MaxPool.apply(input, conf)
+
+
 def _rule(module: nn.Module) -> tuple[str, Callable] | None:
     """(attribute, method) that puts ``module`` under the rules above; None where they never apply."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -182,6 +273,10 @@ def _rule(module: nn.Module) -> tuple[str, Callable] | None:
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         if type(module).forward is nn.modules.batchnorm._BatchNorm.forward:
             return "forward", _batch_norm_forward
+    elif isinstance(module, nn.ReLU) and type(module).forward is nn.ReLU.forward:
+        return "forward", _relu_forward
+    elif isinstance(module, nn.MaxPool2d) and type(module).forward is nn.MaxPool2d.forward:
+        return "forward", _max_pool_forward
     return None
 
 
@@ -210,8 +305,8 @@ def wanted(setting: bool | str, device: torch.device, autocast_dtype: torch.dtyp
 
 @contextlib.contextmanager
 def second_order_rules(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Inside: ``model``'s plain ``nn.Conv1d/2d/3d`` and ``nn.BatchNorm*`` modules build their graphs
-    with the rules above (instance attributes, removed on exit). Module-level rather than a
+    """Inside: ``model``'s plain ``nn.Conv1d/2d/3d``, ``nn.BatchNorm*``, ``nn.ReLU`` and ``nn.MaxPool2d``
+    modules build their graphs with the rules above (instance attributes, removed on exit). Module-level rather than a
     ``TorchFunctionMode``: non-reentrant activation checkpointing recomputes the forward during the
     backward, outside any mode, and the recomputation must save the same tensors as the forward.
     Nested uses are harmless (a module that already has the attribute is left alone). Not for

@@ -79,7 +79,7 @@ class TrainConfig:
     )
     hessian_custom_rules: str = _f(
         "auto",
-        "our second-order rules for convolutions and eval BatchNorm: auto (CPU or CUDA without autocast, CUDA bf16) | true | false",
+        "our second-order rules for convolutions, eval BatchNorm, ReLU and max pooling: auto (CPU or CUDA without autocast, CUDA bf16) | true | false",
     )
     hessian_checkpoint: bool = _f(
         False,

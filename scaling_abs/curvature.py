@@ -263,9 +263,10 @@ def grad_and_hvp(
     dropping forward-over-reverse when it fails (activation checkpointing, ops without forward-mode
     rules).
 
-    ``custom_rules`` (double backward only): differentiate convolutions and eval-mode BatchNorm with
-    our own rules (:mod:`scaling_abs._second_order`; the same HVP, each second-order convolution a
-    kernel training uses instead of PyTorch's generic double-backward formula). ``"auto"``: on the
+    ``custom_rules`` (double backward only): differentiate convolutions, eval-mode BatchNorm, ReLU and
+    max pooling with our own rules (:mod:`scaling_abs._second_order`; the same HVP, each second-order
+    convolution a kernel training uses instead of PyTorch's generic double-backward formula, no
+    zeros carried back from ReLU and pooling). ``"auto"``: on the
     CPU and on CUDA without autocast or under bf16, where it was measured faster; PyTorch's rules elsewhere.
     """
     if method not in METHODS:
@@ -411,8 +412,8 @@ class HessianOperator:
     (a graph to differentiate again); ``method="forward_over_reverse"`` turns it off.
     ``sdpa_math``: products run with the math attention kernel (flash and memory-efficient attention
     have no double backward), also when the operator is used directly.
-    ``custom_rules``: our second-order rules for convolutions and eval-mode BatchNorm (see
-    :func:`grad_and_hvp`).
+    ``custom_rules``: our second-order rules for convolutions, eval-mode BatchNorm, ReLU and max
+    pooling (see :func:`grad_and_hvp`).
     ``checkpoint``: True (the model's :func:`chain`, for ``cross_entropy_loss``) or a :class:`Chain`:
     each product recomputes the model piece by piece (:mod:`scaling_abs._segmented`), so the peak
     memory is the pieces' cuts plus one piece's second-order graph instead of the whole model's;
@@ -687,8 +688,8 @@ def top_eigenvalue(
             ``seed``. It must be the same on every rank.
         solver: ``"power"`` (the paper's) or ``"lanczos"`` (the same products, a better estimate
             from them; keeps ``max_iter`` vectors: see :func:`_lanczos`).
-        custom_rules: our second-order rules for convolutions and eval-mode BatchNorm (the same
-            products, faster on the CPU and for ResNet-18 on an H100; ``"auto"``: on the CPU and CUDA
+        custom_rules: our second-order rules for convolutions, eval-mode BatchNorm, ReLU and max
+            pooling (the same products, faster on the CPU and for ResNet-18 on an H100; ``"auto"``: on the CPU and CUDA
             without autocast or in bf16; see :func:`grad_and_hvp`).
         checkpoint: recompute the model piece by piece in every product, for memory (True: the
             model's :func:`chain`, for ``cross_entropy_loss``; or a :class:`Chain`; see

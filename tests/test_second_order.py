@@ -138,6 +138,78 @@ def test_rules_are_used_where_they_apply_and_nowhere_else():
         assert name(conv(x)) == "ConvolutionBackward0"
 
 
+class PoolNet(nn.Module):
+    """ReLU and max-pooling modules (in place, overlapping windows with padding, dilation and
+    ceil_mode, and the plain 2x2 one) between convolutions and eval-mode BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1, dilation=1, ceil_mode=True),
+            nn.MaxPool2d((2, 1), stride=1, dilation=(1, 1)),
+        )  # fmt: skip
+        self.head = nn.Linear(4 * 1 * 2, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+def test_relu_and_max_pool_rules_give_the_dense_hessian(monkeypatch):
+    """ReLU and max pooling are piecewise linear: their backward's derivative in the forward input
+    is zero, which PyTorch's rules build as full-size zeros tensors and carry back through the
+    forward graph; ours leave it out. The same Hessian, and the same gradient."""
+    torch.manual_seed(0)
+    model = PoolNet().double()
+    model.train()(torch.randn(8, 2, 6, 6, dtype=torch.float64))
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(6, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    params = list(model.parameters())
+    v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    expected = dense_hessian(model, data) @ flat(v)
+    used = {"relu": 0, "pool": 0}
+    for name, cls in (("relu", _second_order._Relu), ("pool", _second_order._MaxPool)):
+        original = cls.apply
+
+        def counted(*a, _name=name, _original=original):
+            used[_name] += 1
+            return _original(*a)
+
+        monkeypatch.setattr(cls, "apply", counted)
+    for reuse in (True, False):
+        op = curvature.HessianOperator(model, cross_entropy_loss, [data], params, reuse_graph=reuse)
+        torch.testing.assert_close(flat(op(v)), expected, rtol=1e-10, atol=1e-12)
+    assert used == {"relu": 4, "pool": 6}  # 2 ReLUs and 3 poolings, in each of the two graphs
+    ours, stock = (
+        curvature.grad_and_hvp(model, cross_entropy_loss, data, v, params=params, custom_rules=rules)
+        for rules in (True, False)
+    )
+    torch.testing.assert_close(flat(ours[0]), flat(stock[0]), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(flat(ours[1]), flat(stock[1]), rtol=1e-10, atol=1e-12)
+
+
+def test_relu_and_max_pool_rules_where_they_apply_and_nowhere_else():
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    relu, pool = nn.ReLU(inplace=True), nn.MaxPool2d(2)
+    with_indices, leaky = nn.MaxPool2d(2, return_indices=True), nn.LeakyReLU()
+    model = nn.ModuleList([relu, pool, with_indices, leaky])
+
+    def name(t):
+        return type(t.grad_fn).__name__
+
+    with second_order_rules(model):
+        y = x * 1.0
+        assert name(relu(y)) == "_ReluBackward" and name(y) == "MulBackward0"  # not in place
+        assert name(pool(x)) == "_MaxPoolBackward"
+        assert name(with_indices(x)[0]) == "MaxPool2DWithIndicesBackward0"
+        assert name(pool(x[0])) == "MaxPool2DWithIndicesBackward0"  # unbatched
+        assert name(leaky(x)) == "LeakyReluBackward0"  # only nn.ReLU has our rule
+    assert name(relu(x * 1.0)) == "ReluBackward0"
+    assert name(pool(x)) == "MaxPool2DWithIndicesBackward0"
+
+
 def test_auto_is_on_for_cpu_and_cuda_without_autocast_only_and_bad_values_raise():
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
     assert wanted("auto", cpu, None) is True
