@@ -1,0 +1,135 @@
+"""Second-order rule sets side by side in one process: PyTorch's rules, ours for convolutions and
+eval-mode BatchNorm only, and ours with ReLU and max pooling too (the default). Rounds alternate
+between the sets, so a machine whose speed drifts between processes (this 2-core one: 10-40 % from
+one run of ``bench_hvp.py`` to the next) moves all of them alike.
+
+    .venv/bin/python benchmarks/bench_rules_ab.py --model cnn --batch 512 --rounds 8 \
+        --out benchmarks/results/bench_rules_ab_cnn512.json
+
+Per round and set: one HVP on a kept gradient graph (the mean of 3 after the one that builds the
+graph) and a 10-product power-iteration estimate (``tol=0``, the graph kept); medians over rounds.
+The values must agree between the sets (the same Hessian; rounding aside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scaling_abs import _second_order  # noqa: E402
+from scaling_abs.curvature import HessianOperator, cross_entropy_loss, top_eigenvalue  # noqa: E402
+from scaling_abs.models import build_model  # noqa: E402
+
+SHAPES = {"mlp": (1, 28), "cnn": (1, 28), "vit_tiny": (1, 28), "c1": (3, 32)}
+ALL_RULES = _second_order._rule
+
+
+def _conv_bn_only(module: nn.Module):
+    return None if isinstance(module, (nn.ReLU, nn.MaxPool2d)) else ALL_RULES(module)
+
+
+SETS = {  # name: (custom_rules, which modules get ours)
+    "pytorch": (False, ALL_RULES),
+    "ours_conv_bn": (True, _conv_bn_only),
+    "ours": (True, ALL_RULES),
+}
+
+
+def _timed(fn, device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="cnn", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    channels, size = SHAPES[args.model]
+    model = build_model(args.model, num_classes=10, in_channels=channels, image_size=size).to(device)
+    x = torch.rand(args.batch, channels, size, size, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    model.train()(x)  # running statistics that are not 0 and 1
+    model.eval()
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    rows = {name: {"product_s": [], "estimate_s": [], "eigenvalue": None} for name in SETS}
+    for _ in range(args.rounds + 1):  # the first round warms up and is dropped
+        for name, (rules, rule) in SETS.items():
+            _second_order._rule = rule
+            try:
+                op = HessianOperator(model, cross_entropy_loss, [(x, y)], params, custom_rules=rules)
+                op(v)  # builds the graph
+                product, _ = _timed(lambda op=op: [op(v) for _ in range(3)], device)
+                del op
+                estimate, res = _timed(
+                    lambda rules=rules: top_eigenvalue(
+                        model, cross_entropy_loss, [(x, y)], max_iter=10, tol=0.0, custom_rules=rules
+                    ),
+                    device,
+                )
+            finally:
+                _second_order._rule = ALL_RULES
+            rows[name]["product_s"].append(product / 3)
+            rows[name]["estimate_s"].append(estimate)
+            rows[name]["eigenvalue"] = res.eigenvalue
+    results = []
+    for name, r in rows.items():
+        product, estimate = r["product_s"][1:], r["estimate_s"][1:]
+        results.append(
+            {
+                "rules": name,
+                "product_median_s": statistics.median(product),
+                "product_min_s": min(product),
+                "product_max_s": max(product),
+                "estimate_median_s": statistics.median(estimate),
+                "estimate_min_s": min(estimate),
+                "estimate_max_s": max(estimate),
+                "eigenvalue": r["eigenvalue"],
+            }
+        )
+        print(
+            f"{args.model} {args.batch:5d} {name:13s} kept-graph product "
+            f"{1e3 * results[-1]['product_median_s']:8.1f} ms [{1e3 * min(product):.1f}-{1e3 * max(product):.1f}]"
+            f"   10-product estimate {1e3 * results[-1]['estimate_median_s']:8.1f} ms"
+            f" [{1e3 * min(estimate):.1f}-{1e3 * max(estimate):.1f}]   eigenvalue {r['eigenvalue']:.6g}",
+            flush=True,
+        )
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    meta = {
+        "command": " ".join(["benchmarks/bench_rules_ab.py", *sys.argv[1:]]),
+        "machine": platform.node(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "git_revision": rev.stdout.strip(),
+        "rounds": args.rounds,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
