@@ -61,6 +61,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -288,21 +289,26 @@ def child(name: str, what: str, runs: int, batch_size: int = 0) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    try:
-        warm, timed = _calls(what, model, batch, device)
-        t0 = time.perf_counter()
-        warm()
-        _sync(device)
-        warmup_s = time.perf_counter() - t0
-    except Exception as e:  # a method that cannot run on this model is a result too
-        return {"model": name, "measurement": what, "error": f"{type(e).__name__}: {str(e)[:160]}"}
-    times, out = [], None
-    for _ in range(runs):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = timed()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    # RuntimeWarnings are part of the result (a checkpointed product that fell back to two reverse
+    # passes says so with one), not lines that gpu_checks.sh's warning filter would drop
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            warm, timed = _calls(what, model, batch, device)
+            t0 = time.perf_counter()
+            warm()
+            _sync(device)
+            warmup_s = time.perf_counter() - t0
+        except Exception as e:  # a method that cannot run on this model is a result too
+            return {"model": name, "measurement": what, "error": f"{type(e).__name__}: {str(e)[:160]}"}
+        times, out = [], None
+        for _ in range(runs):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = timed()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    notes = sorted({str(w.message)[:240] for w in caught if issubclass(w.category, RuntimeWarning)})
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024  # KiB on Linux
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base_cuda
@@ -318,6 +324,7 @@ def child(name: str, what: str, runs: int, batch_size: int = 0) -> dict:
         "peak_mem_bytes": peak,
         "value": _value(out),
         "device": device.type,
+        **({"notes": notes} if notes else {}),
     }
 
 
@@ -433,6 +440,8 @@ def main() -> None:
                 + (f"  value {r['value']:.6g}" if r.get("value") is not None else "")
             )
             print(f"{name:9s} {what:26s} {msg}", flush=True)
+            for note in r.get("notes", []):
+                print(f"{'':9s} {'':26s} ! {note}", flush=True)
     ratios = _ratio_rows(results)
     print("\n".join(["", *ratios]))
     rev = subprocess.run(

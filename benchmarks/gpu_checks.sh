@@ -7,6 +7,8 @@
 #      EPOCHS epochs, fp32 and bf16: the curvature share of wall time in a real run
 #   4. bench_hvp.py on the other models, and ResNet-18 at a Hessian batch of 1024
 #   5. demo: the embedded default (`scaling-abs train`, no settings) on the GPU
+#   rules_ab (not in the default): bench_rules_ab.py, the second-order rule sets side by side in one
+#      process (ResNet-18 at 128 and 1024 images, the small CNN at 512)
 # STAGES picks some (default: tests accuracy bench_c1 train bench_small bench_c1_1024 demo),
 # PRECISIONS the training runs' (default: no bf16), ACC_MODELS the accuracy stage's models (default:
 # c1 vit_tiny cnn), C1_MEASUREMENTS, SMALL_MEASUREMENTS and C1_1024_MEASUREMENTS the bench stages'
@@ -118,6 +120,15 @@ $T $PY -m scaling_abs train "data_dir=$FMNIST_DIR" output_dir=/tmp/demo_gpu prog
   | grep --line-buffered -v -i warning | tail -12 | tee "$R/demo.log"
 cp /tmp/demo_gpu/summary.json "$R/demo_summary.json"
 grep -v '"kind": "step"' /tmp/demo_gpu/metrics.jsonl > "$R/demo_checks.jsonl"
+pack
+fi
+if want rules_ab; then
+stage "rule sets side by side: bench_rules_ab.py"
+for mb in "c1 128" "c1 1024" "cnn 512"; do
+  set -- $mb
+  $T $PY benchmarks/bench_rules_ab.py --model "$1" --batch "$2" --rounds 5 --out "$R/bench_rules_ab_$1_$2.json" 2>&1 \
+    | grep --line-buffered -v -i warning | tee -a "$R/rules_ab.log"
+done
 pack
 fi
 stage done

@@ -1,4 +1,5 @@
-"""Cluster run scripts: --help, the missing-data error, and the command they would launch."""
+"""Cluster run scripts: --help, the missing-data error, and the command they would launch; the rules
+benchmark runs."""
 
 import os
 import subprocess
@@ -47,3 +48,19 @@ def test_i3_multi_node_command():
         "epochs=1",
     ):
         assert part in cmd, part
+
+
+def test_rules_benchmark_runs_and_its_rule_sets_agree(tmp_path):
+    import json
+    import sys
+
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_rules_ab.py"), "--model", "cnn"]
+    proc = subprocess.run(
+        [*cmd, "--batch", "8", "--rounds", "1", "--out", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["rules"] for r in rows] == ["pytorch", "ours_conv_bn", "ours"]
+    values = [r["eigenvalue"] for r in rows]
+    assert max(values) - min(values) < 1e-5 * abs(values[0])  # the same Hessian under each rule set
