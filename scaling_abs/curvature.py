@@ -145,6 +145,24 @@ def _zeros(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
 
+def _fp16_unit(
+    vector: Sequence[torch.Tensor], autocast_dtype
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Under fp16, ``(v / ||v||, ||v||)``: ``H v`` is linear in ``v``, and fp16's range (65,504) met
+    with the loss scale and a vector of norm 25 already overflowed with train-mode BatchNorm
+    (Hutchinson's Rademacher probes have norm sqrt(parameters)). Elsewhere ``(v, None)``."""
+    vector = list(vector)
+    if autocast_dtype != torch.float16 or not vector:
+        return vector, None
+    norm = torch.sqrt(sum((v.float() * v.float()).sum() for v in vector))
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))  # a zero vector stays zero
+    return [v / norm.to(v.dtype) for v in vector], norm
+
+
+def _scaled_back(hv: list[torch.Tensor], norm: torch.Tensor | None) -> list[torch.Tensor]:
+    return hv if norm is None else [h * norm.to(h.dtype) for h in hv]
+
+
 def _autocast(params: Sequence[torch.Tensor], dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
@@ -273,6 +291,13 @@ def grad_and_hvp(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     device = params[0].device
     rules = _second_order.wanted(custom_rules, device, autocast_dtype)  # a bad value fails here
+    vector, norm = _fp16_unit(vector, autocast_dtype)
+    g, hv = _grad_and_hvp(model, loss_fn, batch, params, vector, autocast_dtype, method, rules)
+    return g, _scaled_back(hv, norm)
+
+
+def _grad_and_hvp(model, loss_fn, batch, params, vector, autocast_dtype, method, rules):
+    device = params[0].device
     args = (model, loss_fn, batch, params, vector, autocast_dtype)
     if method == "double_backward":
         return _double_backward(*args, rules)
@@ -492,6 +517,7 @@ class HessianOperator:
         return _hvp_from_graph(grads, self.params, vector, scale, retain_graph=True)
 
     def __call__(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        vector, norm = _fp16_unit(vector, self.autocast_dtype)
         total = [_zeros(p) for p in self.params]
         # Kept graphs: built and differentiated under the same rules (a checkpointed forward is
         # recomputed in either pass); fresh products set them up themselves (_double_backward).
@@ -500,6 +526,7 @@ class HessianOperator:
             for i, w in enumerate(self.weights):
                 for t, x in zip(total, self._hvp(i, vector)):
                     t.add_(x, alpha=w)
+        total = _scaled_back(total, norm)
         return distributed.all_reduce_sum_(total) if self.reduce else total
 
     def release(self) -> None:
