@@ -276,16 +276,23 @@ class _TangentAsValue(torch.autograd.Function):
         return tangent.to(ctx.dtype)
 
 
-def _batchnorm_tangent_as_value(module: nn.Module, args: Any, out: Any) -> Any:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(out, torch.Tensor):
+# Normalisation layers mix dtypes under autocast: BatchNorm keeps a bf16 value with fp32 statistics
+# (its forward-mode rule then gives an fp32 tangent), LayerNorm and GroupNorm run in fp32 on a bf16
+# input (a bf16 tangent beside an fp32 value).
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _norm_tangent_as_value(module: nn.Module, args: Any, out: Any) -> Any:
+    if isinstance(module, _NORMS) and isinstance(out, torch.Tensor):
         return _TangentAsValue.apply(out)
     return None
 
 
 @contextlib.contextmanager
-def batchnorm_tangents_follow_values() -> Any:
-    """For ``torch.func.jvp`` under autocast: BatchNorm outputs' tangents take their values' dtype."""
-    handle = torch.nn.modules.module.register_module_forward_hook(_batchnorm_tangent_as_value)
+def norm_tangents_follow_values() -> Any:
+    """For ``torch.func.jvp`` under autocast: normalisation layers' outputs get tangents of their
+    values' dtype (a copy of each output)."""
+    handle = torch.nn.modules.module.register_module_forward_hook(_norm_tangent_as_value)
     try:
         yield
     finally:

@@ -11,7 +11,8 @@ Two HVP methods:
   with non-reentrant activation checkpointing and autocast.
 * ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad``; one pass yields the gradient
   and the HVP together. Fails with activation checkpointing and, under autocast, with the ViT (the
-  BatchNorm models work: their tangents are cast back, see ``_segmented``). ``auto`` uses double
+  BatchNorm and LayerNorm models work: normalisation layers' tangents are cast back, see
+  ``_segmented``). ``auto`` uses double
   backward on CPU (1.7x faster for the small CNN, 8x for the MLP on 2 cores) and on an accelerator
   measures both once per kind of model and keeps the faster.
 
@@ -241,9 +242,9 @@ def _forward_over_reverse(model, loss_fn, batch, params, vector, autocast_dtype)
     keys = [names[id(p)] for p in params]
 
     def loss_of(*flat):
-        # batch_norm's forward-mode rule gives a bf16 value an fp32 tangent, which the next
-        # convolution refuses: under autocast, BatchNorm outputs get their tangents cast back.
-        mend = _segmented.batchnorm_tangents_follow_values() if autocast_dtype else contextlib.nullcontext()
+        # under autocast a normalisation layer's value and tangent can differ in dtype (BatchNorm's
+        # forward-mode rule, LayerNorm run in fp32), which the next layer refuses: cast back
+        mend = _segmented.norm_tangents_follow_values() if autocast_dtype else contextlib.nullcontext()
         with _autocast(params, autocast_dtype), mend:
             return _acc(functional_call(wrapper, {**fixed, **dict(zip(keys, flat))}, (batch,)))
 
