@@ -240,18 +240,21 @@ def _forward_over_reverse(model, loss_fn, batch, params, vector, autocast_dtype)
     # Cloned buffers: BatchNorm in train mode updates them in place, which forward-mode AD rejects.
     fixed.update({n: b.clone() for n, b in wrapper.named_buffers()})
     keys = [names[id(p)] for p in params]
+    # fp16: the same loss scale as double backward (without it, a unit vector's product lost 4-6x
+    # the accuracy to underflow); the products are linear in the loss, so it is divided back
+    scale = FP16_LOSS_SCALE if autocast_dtype == torch.float16 else 1.0
 
     def loss_of(*flat):
         # under autocast a normalisation layer's value and tangent can differ in dtype (BatchNorm's
         # forward-mode rule, LayerNorm run in fp32), which the next layer refuses: cast back
         mend = _segmented.norm_tangents_follow_values() if autocast_dtype else contextlib.nullcontext()
         with _autocast(params, autocast_dtype), mend:
-            return _acc(functional_call(wrapper, {**fixed, **dict(zip(keys, flat))}, (batch,)))
+            return _acc(functional_call(wrapper, {**fixed, **dict(zip(keys, flat))}, (batch,))) * scale
 
     primals = tuple(p.detach() for p in params)
     tangents = tuple(v.to(p.dtype) for p, v in zip(params, vector))
     g, h = jvp(grad(loss_of, argnums=tuple(range(len(params)))), primals, tangents)
-    return [_acc(x) for x in g], [_acc(x) for x in h]
+    return [_acc(x) / scale for x in g], [_acc(x) / scale for x in h]
 
 
 def _timed(fn, *args) -> tuple[float, Any]:

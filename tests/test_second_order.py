@@ -208,6 +208,10 @@ def test_relu_and_max_pool_rules_where_they_apply_and_nowhere_else():
         assert name(leaky(x)) == "LeakyReluBackward0"  # only nn.ReLU has our rule
     assert name(relu(x * 1.0)) == "ReluBackward0"
     assert name(pool(x)) == "MaxPool2DWithIndicesBackward0"
+    empty = torch.randn(0, 3, 6, 6, requires_grad=True)  # an empty micro-batch: no reshape of -1
+    with second_order_rules(model):
+        (g,) = torch.autograd.grad(pool(empty).sum(), empty, create_graph=True)
+    assert g.shape == empty.shape
 
 
 def test_auto_is_on_for_cpu_and_cuda_without_autocast_only_and_bad_values_raise():

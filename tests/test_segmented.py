@@ -178,7 +178,7 @@ def test_tangents_under_autocast_need_no_fallback(dtype, monkeypatch):
         raise AssertionError("the tangents fell back to two reverse passes")
 
     monkeypatch.setattr(_segmented.SegmentedHVP, "_tangent_by_reverse", no_fallback)
-    ch = Chain(list(net), cuts=[0, 3, 6])  # a convolution after a BatchNorm in the tangent pass
+    ch = Chain(list(net), cuts=[0, 6])  # a convolution after a BatchNorm inside the first piece
     out = flat(hvp(net, cross_entropy_loss, batch, v, checkpoint=ch, autocast_dtype=dtype))
     assert rel(out, ref) < 2e-2
 
