@@ -253,8 +253,10 @@ def _relu_forward(self, input):  # noqa: A002
 
 
 def _max_pool_forward(self, input):  # noqa: A002
-    if _inactive(self) or self.return_indices or input.dim() != 4:
-        return type(self).forward(self, input)  # indices asked for, unbatched inputs
+    if _inactive(self) or self.return_indices or input.dim() != 4 or input.device.type != "cpu":
+        # indices asked for, unbatched inputs; GPUs: scatter_add_ adds with atomics there, so
+        # overlapping windows would make products non-reproducible (and no gain was measured)
+        return type(self).forward(self, input)
     pair = torch.nn.modules.utils._pair
     conf = (
         pair(self.kernel_size),
