@@ -245,13 +245,9 @@ def _same_dtype_tangent(module: nn.Module, args: Any, out: Any) -> Any:
     return None
 
 
-@contextlib.contextmanager
-def _tangents_follow_values() -> Any:
-    handle = torch.nn.modules.module.register_module_forward_hook(_same_dtype_tangent)
-    try:
-        yield
-    finally:
-        handle.remove()
+def _tangents_follow_values() -> torch.utils.hooks.RemovableHandle:
+    """``with _tangents_follow_values():`` the hook above on every module (the handle removes it)."""
+    return torch.nn.modules.module.register_module_forward_hook(_same_dtype_tangent)
 
 
 class _TangentAsValue(torch.autograd.Function):
@@ -288,15 +284,10 @@ def _norm_tangent_as_value(module: nn.Module, args: Any, out: Any) -> Any:
     return None
 
 
-@contextlib.contextmanager
-def norm_tangents_follow_values() -> Any:
-    """For ``torch.func.jvp`` under autocast: normalisation layers' outputs get tangents of their
-    values' dtype (a copy of each output)."""
-    handle = torch.nn.modules.module.register_module_forward_hook(_norm_tangent_as_value)
-    try:
-        yield
-    finally:
-        handle.remove()
+def norm_tangents_follow_values() -> torch.utils.hooks.RemovableHandle:
+    """``with norm_tangents_follow_values():`` for ``torch.func.jvp`` under autocast, normalisation
+    layers' outputs get tangents of their values' dtype (a copy of each output)."""
+    return torch.nn.modules.module.register_module_forward_hook(_norm_tangent_as_value)
 
 
 def _tensor(out: Any, unit: Unit) -> torch.Tensor:
@@ -450,7 +441,7 @@ class SegmentedHVP:
             if isinstance(e, torch.OutOfMemoryError):
                 raise
             self._by_reverse = True  # for the rest of this operator's products: failing costs a forward
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             warnings.warn(
                 f"checkpointed HVP: forward-mode AD failed ({reason[:200]}); the tangents come from "
                 "two reverse passes per piece instead (the same result, slower)",

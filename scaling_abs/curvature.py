@@ -247,8 +247,10 @@ def _forward_over_reverse(model, loss_fn, batch, params, vector, autocast_dtype)
     def loss_of(*flat):
         # under autocast a normalisation layer's value and tangent can differ in dtype (BatchNorm's
         # forward-mode rule, LayerNorm run in fp32), which the next layer refuses: cast back
-        mend = _segmented.norm_tangents_follow_values() if autocast_dtype else contextlib.nullcontext()
-        with _autocast(params, autocast_dtype), mend:
+        with (
+            _segmented.norm_tangents_follow_values() if autocast_dtype else contextlib.nullcontext(),
+            _autocast(params, autocast_dtype),
+        ):
             return _acc(functional_call(wrapper, {**fixed, **dict(zip(keys, flat))}, (batch,))) * scale
 
     primals = tuple(p.detach() for p in params)
@@ -291,16 +293,17 @@ def grad_and_hvp(
     zeros carried back from ReLU and pooling). ``"auto"``: on the
     CPU and on CUDA without autocast or under bf16, where it was measured faster; PyTorch's rules elsewhere.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    device = params[0].device
-    rules = _second_order.wanted(custom_rules, device, autocast_dtype)  # a bad value fails here
+    rules = _second_order.wanted(custom_rules, params[0].device, autocast_dtype)  # a bad value fails here
     vector, norm = _fp16_unit(vector, autocast_dtype)
     g, hv = _grad_and_hvp(model, loss_fn, batch, params, vector, autocast_dtype, method, rules)
     return g, _scaled_back(hv, norm)
 
 
-def _grad_and_hvp(model, loss_fn, batch, params, vector, autocast_dtype, method, rules):
+def _grad_and_hvp(model, loss_fn, batch, params, vector, autocast_dtype, method, rules: bool):
+    """:func:`grad_and_hvp` with ``rules`` resolved and ``vector`` as it is (no fp16 unit vector:
+    :class:`HessianOperator` makes it once per product, for all its micro-batches)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     device = params[0].device
     args = (model, loss_fn, batch, params, vector, autocast_dtype)
     if method == "double_backward":
@@ -501,16 +504,16 @@ class HessianOperator:
                 rules=lambda: _second_order.second_order_rules(self.model, self.custom_rules),
                 scale=FP16_LOSS_SCALE if self.autocast_dtype == torch.float16 else 1.0,
             )
-        if not self.reuse_graph:
-            return grad_and_hvp(
+        if not self.reuse_graph:  # the vector is already the fp16 unit one (__call__)
+            return _grad_and_hvp(
                 self.model,
                 self.loss_fn,
                 batch,
+                self.params,
                 vector,
-                params=self.params,
-                method=self.method,
-                autocast_dtype=self.autocast_dtype,
-                custom_rules=self.custom_rules,
+                self.autocast_dtype,
+                self.method,
+                self.custom_rules,
             )[1]
         if self._graphs is None:  # built at the first product, kept until the operator is dropped
             self._graphs = [

@@ -58,6 +58,11 @@ def data(n: int = 32, seed: int = 1, shape=(5,)):
     return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
+def hvp_of_ones(model: nn.Module, **kw) -> list[torch.Tensor]:
+    """``hvp`` on ``data()`` along a vector of ones: for calls that should be refused."""
+    return hvp(model, cross_entropy_loss, data(), [torch.ones_like(p) for p in model.parameters()], **kw)
+
+
 def dense_hessian(model: nn.Module, batch, params=None) -> torch.Tensor:
     """The exact Hessian of the mean cross entropy w.r.t. ``params`` (flattened), in eval mode."""
     params = list(model.parameters()) if params is None else params
@@ -458,13 +463,7 @@ def test_block_helpers_and_bad_arguments():
     with pytest.raises(ValueError, match="n must be"):
         last_layers(model, 0)
     with pytest.raises(ValueError, match="method"):
-        hvp(
-            model,
-            cross_entropy_loss,
-            data(),
-            [torch.ones_like(p) for p in model.parameters()],
-            method="magic",
-        )
+        hvp_of_ones(model, method="magic")
     with pytest.raises(ValueError, match="bn_mode"):
         top_eigenvalue(model, cross_entropy_loss, [data()], bn_mode="frozen")
 

@@ -12,7 +12,7 @@ from scaling_abs import curvature
 from scaling_abs._segmented import measure, plan
 from scaling_abs.curvature import Chain, cross_entropy_loss, hvp, top_eigenvalue
 from scaling_abs.models import Normalized, build_model
-from tests.test_curvature import conv_bn_conv, data, dense_hessian, flat, tiny_bn_cnn
+from tests.test_curvature import conv_bn_conv, data, dense_hessian, flat, hvp_of_ones, tiny_bn_cnn
 
 
 def bn_cnn_with_stats(seed: int = 0) -> tuple[nn.Module, tuple]:
@@ -197,13 +197,7 @@ def test_checkpoint_errors_are_clear():
 
     custom = Custom().double()
     with pytest.raises(ValueError, match="cannot split Custom"):
-        hvp(
-            custom,
-            cross_entropy_loss,
-            data(),
-            [torch.ones_like(p) for p in custom.parameters()],
-            checkpoint=True,
-        )
+        hvp_of_ones(custom, checkpoint=True)
     with pytest.raises(ValueError, match="another loss_fn"):
         hvp(model, lambda m, b: cross_entropy_loss(m, b) * 2, batch, v, checkpoint=True)
     with pytest.raises(ValueError, match="in no unit"):
@@ -249,13 +243,7 @@ def test_every_zoo_model_has_a_chain_that_gives_the_plain_hvp(name):
 def test_a_chain_that_is_not_the_forward_is_refused():
     wrong = TanhNet(units_with_tanh=False).double()
     with pytest.raises(ValueError, match="does not compute its forward"):
-        hvp(
-            wrong,
-            cross_entropy_loss,
-            data(),
-            [torch.ones_like(p) for p in wrong.parameters()],
-            checkpoint=True,
-        )
+        hvp_of_ones(wrong, checkpoint=True)
 
 
 def test_tangents_by_two_reverse_passes_where_forward_mode_fails(monkeypatch):
