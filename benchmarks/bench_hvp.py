@@ -111,6 +111,7 @@ MEASUREMENTS = [
     "eig_ours_bf16_rules",
     "eig_ours_checkpointed",
     "eig_ours_segmented",
+    "eig_ours_segmented_bf16",
     "eig_classic",
     "eig_pyhessian",
 ]
@@ -254,6 +255,9 @@ def _calls(what: str, model: nn.Module, batch, device):
         return eig(1, reuse_graph=True), eig(ITERS, reuse_graph=True)
     if what == "eig_ours_segmented":
         return eig(1, checkpoint=True, **rules), eig(ITERS, checkpoint=True, **rules)
+    if what == "eig_ours_segmented_bf16":  # the lean GPU path: checkpointed products under bf16
+        lean = {"checkpoint": True, "autocast_dtype": torch.bfloat16, **rules}
+        return eig(1, **lean), eig(ITERS, **lean)
     if what == "eig_classic":
         return (lambda: classic_top_eigenvalue(model, batch, 1)), (
             lambda: classic_top_eigenvalue(model, batch)
@@ -382,6 +386,7 @@ def _ratio_rows(results: list[dict]) -> list[str]:
             "hvp_bf16",
             "eig_ours_checkpointed",
             "eig_ours_segmented",
+            "eig_ours_segmented_bf16",
         ):
             if step and get(m):
                 mem = get(m)["peak_mem_bytes"] / max(step["peak_mem_bytes"], 1)
