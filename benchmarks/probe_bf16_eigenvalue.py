@@ -1,0 +1,103 @@
+"""Top Hessian eigenvalue of a finished run's weights in fp32 and under bf16 autocast, side by side.
+
+Why: the `c1` preset trained in bf16 on an H100/H200 read 1,800-2,178 at its third check where the fp32
+run read 23. This tells a sharp point of the bf16-trained weights (fp32 agrees) from an artefact of
+taking the products under bf16 (fp32 disagrees), and whether our second-order rules matter.
+
+    python benchmarks/probe_bf16_eigenvalue.py RUN_DIR [--check 2] [--iters 20] [--out probe.json]
+
+RUN_DIR holds `config.yaml` and `model.safetensors` (any finished `scaling-abs train` run). The Hessian
+batch is the one the trainer drew for check number ``--check`` (0-based).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from scaling_abs import curvature
+from scaling_abs.config import load_config
+from scaling_abs.data import build_dataset, collate_batch
+from scaling_abs.models import build_model, model_default_augmentation
+
+
+def _setup(run: Path, check: int, device: torch.device):
+    from safetensors.torch import load_model
+
+    cfg = load_config(str(run / "config.yaml"))
+    aug = model_default_augmentation(cfg.model) if cfg.augmentation == "auto" else cfg.augmentation
+    data = build_dataset(cfg.dataset, data_dir=cfg.data_dir or None, augmentation=aug)
+    model = build_model(
+        cfg.model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        mean=data.mean,
+        std=data.std,
+    )
+    load_model(model, str(run / "model.safetensors"))
+    model.to(device)
+    n_train = len(data.train)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + check)  # the trainer's draw for this check
+    idx = torch.randperm(n_train, generator=g)[: min(cfg.hessian_samples, n_train)].tolist()
+    micro = cfg.hessian_micro_batch_size or cfg.micro_batch_size
+    batches = []
+    for i in range(0, len(idx), micro):
+        x, y = collate_batch([data.train[j] for j in idx[i : i + micro]])
+        batches.append((x.to(device), y.to(device)))
+    return cfg, model, batches
+
+
+def _bn_extremes(model: torch.nn.Module) -> dict:
+    """Smallest running variance and largest |weight| / sqrt(var + eps) over eval-mode BatchNorms:
+    a channel whose statistics collapsed multiplies its input's changes by the latter."""
+    smallest, gain = float("inf"), 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+            var = m.running_var.float()
+            smallest = min(smallest, float(var.min()))
+            w = m.weight.detach().float().abs() if m.weight is not None else torch.ones_like(var)
+            gain = max(gain, float((w / torch.sqrt(var + m.eps)).max()))
+    return {"min_running_var": smallest, "max_bn_gain": gain}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--check", type=int, default=2, help="whose Hessian batch (0-based check count)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model, batches = _setup(args.run_dir, args.check, device)
+    rows = {"run": str(args.run_dir), "check": args.check, "samples": sum(len(b[1]) for b in batches)}
+    rows.update(_bn_extremes(model))
+    model.eval()
+    with torch.no_grad():
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = sum(curvature.cross_entropy_loss(model, b).float() * len(b[1]) for b in batches)
+            rows[f"loss_{name}"] = float(loss) / rows["samples"]
+    variants = {
+        "fp32": {},
+        "bf16": {"autocast_dtype": torch.bfloat16},
+        "bf16_stock_rules": {"autocast_dtype": torch.bfloat16, "custom_rules": False},
+        "fp32_bn_train": {"bn_mode": "train"},
+    }
+    for name, kw in variants.items():
+        kw = {"bn_mode": cfg.hessian_bn_mode, "seed": cfg.seed + args.check, **kw}
+        r = curvature.top_eigenvalue(
+            model, curvature.cross_entropy_loss, batches, max_iter=args.iters, tol=0.0, **kw
+        )
+        rows[f"eig_{name}"] = r.eigenvalue
+        print(f"{name:18s} eigenvalue {r.eigenvalue:12.4f}  finite {r.finite}", flush=True)
+    print(json.dumps(rows, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
