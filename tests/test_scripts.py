@@ -64,3 +64,62 @@ def test_rules_benchmark_runs_and_its_rule_sets_agree(tmp_path):
     assert [r["rules"] for r in rows] == ["pytorch", "ours_conv_bn", "ours"]
     values = [r["eigenvalue"] for r in rows]
     assert max(values) - min(values) < 1e-5 * abs(values[0])  # the same Hessian under each rule set
+
+
+def test_hvp_benchmark_rows_agree_with_classic(tmp_path):
+    """bench_hvp.py end to end on the small CNN: our estimates (fp32, and checkpointed under bf16)
+    against the classic one from the same start vector, and the ratios it prints."""
+    import json
+    import sys
+
+    out = tmp_path / "hvp.json"
+    what = ["train_step", "eig_ours", "eig_ours_segmented_bf16", "eig_classic"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_hvp.py"), "--models", "cnn", "--batch", "16"]
+    proc = subprocess.run(
+        [*cmd, "--runs", "1", "--measurements", *what, "--out", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    rows = {r["measurement"]: r for r in data["results"]}
+    assert set(rows) == set(what)
+    classic = rows["eig_classic"]["value"]
+    assert abs(rows["eig_ours"]["value"] - classic) <= 1e-4 * abs(classic)
+    assert abs(rows["eig_ours_segmented_bf16"]["value"] - classic) <= 2e-2 * abs(classic)
+    assert "notes" not in rows["eig_ours_segmented_bf16"]  # no fallback to two reverse passes
+    assert any("eig_ours_segmented_bf16" in r and "one training step" in r for r in data["ratios"])
+
+
+def test_bf16_probe_reads_a_finished_run(tmp_path):
+    import json
+    import sys
+
+    from scaling_abs.config import load_config
+    from scaling_abs.trainer import train
+
+    run = tmp_path / "run"
+    cfg = load_config(
+        None,
+        {
+            "epochs": 1,
+            "limit_train_samples": 256,
+            "batch_size": 64,
+            "hessian_every": 128,
+            "hessian_samples": 64,
+            "output_dir": str(run),
+            "progress": False,
+        },
+    )
+    summary = train(cfg)
+    out = tmp_path / "probe.json"
+    probe = ROOT / "benchmarks" / "probe_bf16_eigenvalue.py"
+    proc = subprocess.run(
+        [sys.executable, str(probe), str(run), "--check", "1", "--iters", "20", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert rows["samples"] == 64 and summary["curvature_checks"] >= 2
+    assert abs(rows["eig_bf16"] / rows["eig_fp32"] - 1) < 2e-2  # fresh small-CNN weights: no sharp point
+    assert abs(rows["eig_bf16_stock_rules"] / rows["eig_bf16"] - 1) < 1e-2
+    assert rows["min_running_var"] > 0 and rows["max_bn_gain"] > 0
