@@ -93,6 +93,9 @@ class TrainConfig:
     hessian_bn_mode: str = _f(
         "eval", "BatchNorm during checks: eval (paper's code) | train (buffers restored)"
     )
+    hessian_precision: str = _f(
+        "auto", "autocast of curvature checks: auto (as mixed_precision) | no (fp32) | bf16 | fp16"
+    )
     adv_eps: float = _f(0.005, "FGSM step on inputs in [0, 1]")
     adv_fraction: float = _f(0.2, "ABSA: fraction gamma of each batch replaced by FGSM examples")
     adv_decay: float = _f(2.0, "ABSA: gamma is divided by this (omega) at every growth")
@@ -132,7 +135,7 @@ _TYPES = typing.get_type_hints(TrainConfig)
 
 
 # The words a string key's YAML bool stands for: `mixed_precision: no` (Accelerate's spelling) is False.
-_BOOL_WORDS = {"mixed_precision": ("no", "true")}
+_BOOL_WORDS = {"mixed_precision": ("no", "true"), "hessian_precision": ("no", "true")}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -344,6 +347,17 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         cfg.mixed_precision in ("no", "bf16", "fp16"),
         "mixed_precision",
         f"expected no, bf16 or fp16, got {cfg.mixed_precision!r}",
+    )
+    _check(
+        cfg.hessian_precision in ("auto", "no", "bf16", "fp16"),
+        "hessian_precision",
+        f"expected auto, no, bf16 or fp16, got {cfg.hessian_precision!r}",
+    )
+    _check(
+        not (cfg.deepspeed and cfg.mixed_precision != "no" and cfg.hessian_precision == "no"),
+        "hessian_precision",
+        f"no (fp32 checks) is not possible under DeepSpeed with mixed_precision={cfg.mixed_precision}: "
+        "DeepSpeed keeps the model itself in that precision",
     )
     _check(
         cfg.augmentation in ("auto", "none", "crop_flip", "resized_crop_flip"),

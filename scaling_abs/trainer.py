@@ -44,6 +44,7 @@ CHECKPOINT_PREFIX = "step_"
 # Accelerate names registered objects' files by their order: schedule, TrainState, CurvatureState
 CURVATURE_STATE_FILE = "custom_checkpoint_2.pkl"
 _AUTO_BOOL = {"auto": "auto", "true": True, "false": False}  # hessian_reuse_graph / _custom_rules
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed_precision / hessian_precision
 
 
 @dataclass
@@ -230,6 +231,10 @@ class Trainer:
                 "nn.Sequential, torchvision ResNet / AlexNet, transformers ViT, or a hessian_units() method)"
             )
         self._chain_plans: dict = {}  # every check's chain plans here (ZeRO-3 checks a new copy each time)
+        # the checks' autocast: training's unless hessian_precision says otherwise
+        self.check_precision = (
+            cfg.mixed_precision if cfg.hessian_precision == "auto" else cfg.hessian_precision
+        )
         # What checks use after running out of memory once (single process: see _shrink_checks).
         self._check_memory = {
             "reuse_graph": _AUTO_BOOL[cfg.hessian_reuse_graph],
@@ -446,7 +451,7 @@ class Trainer:
         t0 = time.perf_counter()
         model = self._curvature_model()
         params = curvature.resolve_block(model, cfg.hessian_block)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        dtype = _AUTOCAST.get(self.check_precision)
         seed = cfg.seed + self.state.checks
         init = self.curvature_state.start(params, seed=seed) if cfg.hessian_warm_start else None
         shrunk = []
@@ -504,6 +509,7 @@ class Trainer:
             "warm_start": init is not None,
             "solver": cfg.hessian_solver,
             "hessian_samples": self.cfg.hessian_samples,
+            "precision": self.check_precision,
             "block": cfg.hessian_block,
             "checkpoint": self._check_memory["checkpoint"],
             "hessian_micro_batch_size": self._check_memory["micro"],

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from scaling_abs.config import TrainConfig, list_presets, load_config, parse_overrides, validate
@@ -89,6 +91,8 @@ def test_paper_presets_check_once_per_epoch(preset):
         ("hessian_micro_batch_size=-1", "hessian_micro_batch_size"),
         ("hessian_solver=arnoldi", "hessian_solver"),
         ("hessian_warm_start=perhaps", "hessian_warm_start"),
+        ("hessian_precision=fp8", "hessian_precision"),
+        ("hessian_precision=yes", "hessian_precision"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -133,8 +137,6 @@ def test_batch_must_divide_over_processes():
 
 
 def test_every_key_is_in_the_readme_table():
-    from pathlib import Path
-
     from scaling_abs.config import FIELDS
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -153,6 +155,16 @@ def test_mixed_precision_no_in_a_yaml_file(tmp_path):
     path.write_text("mixed_precision: no\nhessian_reuse_graph: true\noutput_dir: runs/x\n")
     cfg = load_config(str(path))
     assert (cfg.mixed_precision, cfg.hessian_reuse_graph) == ("no", "true")
+    path.write_text("mixed_precision: bf16\nhessian_precision: no\n")
+    cfg = load_config(str(path))
+    assert (cfg.mixed_precision, cfg.hessian_precision) == ("bf16", "no")
+
+
+def test_fp32_checks_under_deepspeed_mixed_precision_are_refused():
+    ds = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json")
+    with pytest.raises(ConfigError, match=r"^hessian_precision: no .* DeepSpeed"):
+        load_config(None, [f"deepspeed={ds}", "mixed_precision=bf16", "hessian_precision=no"])
+    assert load_config(None, [f"deepspeed={ds}", "hessian_precision=bf16"]).hessian_precision == "bf16"
 
 
 def test_string_overrides_read_like_yaml_but_keep_numbers_as_typed():
