@@ -29,7 +29,12 @@ def _setup(run: Path, check: int, device: torch.device):
 
     cfg = load_config(str(run / "config.yaml"))
     aug = model_default_augmentation(cfg.model) if cfg.augmentation == "auto" else cfg.augmentation
-    data = build_dataset(cfg.dataset, data_dir=cfg.data_dir or None, augmentation=aug)
+    data = build_dataset(
+        cfg.dataset,
+        data_dir=cfg.data_dir or None,
+        augmentation=aug,
+        limit_train_samples=cfg.limit_train_samples or None,
+    )
     model = build_model(
         cfg.model,
         num_classes=data.num_classes,

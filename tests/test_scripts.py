@@ -105,6 +105,8 @@ def test_bf16_probe_reads_a_finished_run(tmp_path):
             "batch_size": 64,
             "hessian_every": 128,
             "hessian_samples": 64,
+            "hessian_iters": 20,
+            "hessian_tol": 0.0,
             "output_dir": str(run),
             "progress": False,
         },
@@ -119,7 +121,11 @@ def test_bf16_probe_reads_a_finished_run(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
-    assert rows["samples"] == 64 and summary["curvature_checks"] >= 2
+    checks = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    checks = [c for c in checks if c["kind"] == "check"]
+    assert rows["samples"] == 64 and summary["curvature_checks"] == len(checks) == 2
+    assert checks[1]["samples"] == summary["samples"]  # the last check saw the final weights...
+    assert rows["eig_fp32"] == pytest.approx(checks[1]["eigenvalue"], rel=1e-5)  # ...and the same batch
     assert abs(rows["eig_bf16"] / rows["eig_fp32"] - 1) < 2e-2  # fresh small-CNN weights: no sharp point
     assert abs(rows["eig_bf16_stock_rules"] / rows["eig_bf16"] - 1) < 1e-2
     assert rows["min_running_var"] > 0 and rows["max_bn_gain"] > 0
