@@ -354,12 +354,6 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         f"expected auto, no, bf16 or fp16, got {cfg.hessian_precision!r}",
     )
     _check(
-        not (cfg.deepspeed and cfg.mixed_precision != "no" and cfg.hessian_precision == "no"),
-        "hessian_precision",
-        f"no (fp32 checks) is not possible under DeepSpeed with mixed_precision={cfg.mixed_precision}: "
-        "DeepSpeed keeps the model itself in that precision",
-    )
-    _check(
         cfg.augmentation in ("auto", "none", "crop_flip", "resized_crop_flip"),
         "augmentation",
         f"unknown augmentation {cfg.augmentation!r}",

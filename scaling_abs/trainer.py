@@ -154,6 +154,12 @@ def _deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
     for prec, on in (("bf16", cfg.mixed_precision == "bf16"), ("fp16", cfg.mixed_precision == "fp16")):
         if isinstance(ds.get(prec), dict) and ds[prec].get("enabled") == "auto":
             ds[prec]["enabled"] = on
+    low = [p for p in ("bf16", "fp16") if isinstance(ds.get(p), dict) and ds[p].get("enabled") is True]
+    if low and cfg.hessian_precision == "no":
+        raise UserError(
+            f"hessian_precision: no (fp32 checks) is not possible with DeepSpeed's {low[0]}, which keeps the "
+            f"model itself in {low[0]} (checks then run in it: hessian_precision=auto)"
+        )
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
 
@@ -446,15 +452,10 @@ class Trainer:
         ch._plans = self._chain_plans
         return ch
 
-    def _check(self) -> dict[str, Any]:
+    def _eigenvalue_shrinking(self, model, params, dtype, seed, init, shrunk) -> curvature.EigenResult:
+        """The check's estimate; after running out of memory, again with the next memory lever
+        (each change appended to ``shrunk``)."""
         cfg = self.cfg
-        t0 = time.perf_counter()
-        model = self._curvature_model()
-        params = curvature.resolve_block(model, cfg.hessian_block)
-        dtype = _AUTOCAST.get(self.check_precision)
-        seed = cfg.seed + self.state.checks
-        init = self.curvature_state.start(params, seed=seed) if cfg.hessian_warm_start else None
-        shrunk = []
         while True:
             mem = self._check_memory
             try:
@@ -484,11 +485,24 @@ class Trainer:
                     )
                     raise
                 shrunk.append(change)
-                warnings.warn(f"a curvature check ran out of memory; from now on {change}", stacklevel=2)
+                warnings.warn(f"a curvature check ran out of memory; from now on {change}", stacklevel=3)
             # here, not in the except clause: its traceback still holds the failed attempt's tensors
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        return result
+
+    def _check(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        model = self._curvature_model()
+        params = curvature.resolve_block(model, cfg.hessian_block)
+        dtype = _AUTOCAST.get(self.check_precision)
+        seed = cfg.seed + self.state.checks
+        init = self.curvature_state.start(params, seed=seed) if cfg.hessian_warm_start else None
+        shrunk = []
+        with _own_forward(model):
+            result = self._eigenvalue_shrinking(model, params, dtype, seed, init, shrunk)
         if result.finite:  # a non-finite estimate leaves the schedule alone, and the start vector too
             self.curvature_state.eigenvector = [v.detach().cpu() for v in result.eigenvector]
         before = self.schedule.at(self.epoch).batch_size
@@ -741,6 +755,22 @@ class Trainer:
         self.model = self.optimizer = self.engine = None
         self.accelerator.free_memory()
         gc.collect()
+
+
+@contextlib.contextmanager
+def _own_forward(model: torch.nn.Module):
+    """Run ``model`` with its own forward: Accelerate's native mixed precision patches
+    ``model.forward`` with training's autocast (``unwrap_model`` keeps it), and inside it any
+    autocast a check enters (``hessian_precision``) would be overridden."""
+    wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+    if wrapped is None:
+        yield
+        return
+    model.forward = model._original_forward
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def _fetch(dataset, indices: list[int]):

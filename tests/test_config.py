@@ -160,13 +160,6 @@ def test_mixed_precision_no_in_a_yaml_file(tmp_path):
     assert (cfg.mixed_precision, cfg.hessian_precision) == ("bf16", "no")
 
 
-def test_fp32_checks_under_deepspeed_mixed_precision_are_refused():
-    ds = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json")
-    with pytest.raises(ConfigError, match=r"^hessian_precision: no .* DeepSpeed"):
-        load_config(None, [f"deepspeed={ds}", "mixed_precision=bf16", "hessian_precision=no"])
-    assert load_config(None, [f"deepspeed={ds}", "hessian_precision=bf16"]).hessian_precision == "bf16"
-
-
 def test_string_overrides_read_like_yaml_but_keep_numbers_as_typed():
     cfg = load_config(None, ["hessian_reuse_graph=False", "hessian_block='last:2'", "strategy= gg"])
     assert (cfg.hessian_reuse_graph, cfg.hessian_block, cfg.strategy) == ("false", "last:2", "gg")

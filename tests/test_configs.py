@@ -37,3 +37,23 @@ def test_deepspeed_configs_fill_auto(path):
     assert filled["gradient_clipping"] == 0.0  # explicit, never DeepSpeed's/Accelerate's default
     assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
     assert "auto" not in json.dumps(filled)
+
+
+def test_fp32_checks_under_deepspeed_low_precision_are_refused(tmp_path):
+    """DeepSpeed casts the model itself to bf16/fp16, so hessian_precision=no cannot give fp32
+    checks: refused with one line, whether the JSON's precision is "auto" or set explicitly."""
+    from scaling_abs.errors import UserError
+
+    zero2 = ROOT / "ds_configs" / "zero2.json"
+    explicit = tmp_path / "bf16_on.json"
+    explicit.write_text(json.dumps({**json.loads(zero2.read_text()), "bf16": {"enabled": True}}))
+    plan = make_plan(512, 64, 2)
+    for path, mixed in ((zero2, "bf16"), (zero2, "fp16"), (explicit, "no")):
+        cfg = load_config(None, {"deepspeed": str(path), "mixed_precision": mixed, "hessian_precision": "no"})
+        with pytest.raises(UserError, match=r"^hessian_precision: no .*DeepSpeed"):
+            _deepspeed_config(cfg, plan)
+    for path, mixed, checks in ((zero2, "no", "no"), (zero2, "bf16", "auto"), (explicit, "no", "bf16")):
+        cfg = load_config(
+            None, {"deepspeed": str(path), "mixed_precision": mixed, "hessian_precision": checks}
+        )
+        _deepspeed_config(cfg, plan)  # accepted

@@ -169,18 +169,43 @@ def test_hessian_precision_picks_the_checks_autocast(tmp_path, monkeypatch, sett
     assert {c["precision"] for c in checks} == {"bf16" if expected else "no"}
 
 
-def test_fp32_checks_of_a_bf16_run(tmp_path):
-    # its own process: Accelerate keeps one mixed precision per process, and the other tests' is "no"
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_fp32_checks_of_a_bf16_run(tmp_path, checkpoint):
+    """A bf16 run with hessian_precision=no computes its checks in fp32: its last check (after the
+    last step) equals an fp32 estimate on the saved weights and the same Hessian batch, which a bf16
+    estimate does not. Own process: Accelerate keeps one mixed precision per process."""
     out = tmp_path / "bf16_run"
-    settings = {**BASE, "strategy": "abs", "hessian_every": 256, "epochs": 0.25, "output_dir": str(out)}
-    args = [f"{k}={v}" for k, v in settings.items()] + ["mixed_precision=bf16", "hessian_precision=no"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "scaling_abs", "train", *args], capture_output=True, text=True, cwd=ROOT
-    )
+    settings = {
+        **BASE,
+        "model": "cnn",
+        "strategy": "abs",
+        "epochs": 0.25,
+        "hessian_every": 128,
+        "hessian_iters": 20,
+        "hessian_tol": 0.0,
+        "hessian_checkpoint": checkpoint,
+        "mixed_precision": "bf16",
+        "hessian_precision": "no",
+        "output_dir": str(out),
+    }
+    args = [f"{k}={v}" for k, v in settings.items()]
+    train_cmd = [sys.executable, "-m", "scaling_abs", "train", *args]
+    proc = subprocess.run(train_cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     checks = [r for r in read_metrics(out) if r["kind"] == "check"]
-    assert checks and {c["precision"] for c in checks} == {"no"}
-    assert all(c["finite"] for c in checks)
+    assert len(checks) == 2 and {c["precision"] for c in checks} == {"no"}
+    assert checks[-1]["samples"] == json.loads((out / "summary.json").read_text())["samples"]
+    probe = [sys.executable, str(ROOT / "benchmarks" / "probe_bf16_eigenvalue.py"), str(out)]
+    proc = subprocess.run(
+        [*probe, "--check", "1", "--iters", "20", "--out", str(tmp_path / "p.json")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probe = json.loads((tmp_path / "p.json").read_text())
+    assert checks[-1]["eigenvalue"] == pytest.approx(probe["eig_fp32"], rel=1e-5)
+    assert abs(checks[-1]["eigenvalue"] / probe["eig_bf16"] - 1) > 1e-4
 
 
 def test_checkpointed_checks_give_the_same_run(tmp_path, monkeypatch):
