@@ -7,7 +7,11 @@ taking the products under bf16 (fp32 disagrees), and whether our second-order ru
     python benchmarks/probe_bf16_eigenvalue.py RUN_DIR [--check 2] [--iters 20] [--out probe.json]
 
 RUN_DIR holds `config.yaml` and `model.safetensors` (any finished `scaling-abs train` run). The Hessian
-batch is the one the trainer drew for check number ``--check`` (0-based).
+batch is the one the trainer drew for check number ``--check`` (0-based), over the run's
+`hessian_block` with its solver, from a random start (a run with `hessian_warm_start=true` started
+from the last eigenvector). The final weights are those of a check only if it came after the last
+step. One process: a multi-process run's checks drew a batch divisible by the process count, and
+models trained with augmentation get a fresh random augmentation of the same images.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ def main() -> None:
     cfg, model, batches = _setup(args.run_dir, args.check, device)
     rows = {"run": str(args.run_dir), "check": args.check, "samples": sum(len(b[1]) for b in batches)}
     rows.update(_bn_extremes(model))
+    params = curvature.resolve_block(model, cfg.hessian_block)
     model.eval()
     with torch.no_grad():
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
@@ -88,14 +93,19 @@ def main() -> None:
             rows[f"loss_{name}"] = float(loss) / rows["samples"]
     variants = {
         "fp32": {},
-        "bf16": {"autocast_dtype": torch.bfloat16},
+        "bf16": {"autocast_dtype": torch.bfloat16, "custom_rules": True},
         "bf16_stock_rules": {"autocast_dtype": torch.bfloat16, "custom_rules": False},
         "fp32_bn_train": {"bn_mode": "train"},
     }
     for name, kw in variants.items():
-        kw = {"bn_mode": cfg.hessian_bn_mode, "seed": cfg.seed + args.check, **kw}
+        kw = {
+            "bn_mode": cfg.hessian_bn_mode,
+            "seed": cfg.seed + args.check,
+            "solver": cfg.hessian_solver,
+            **kw,
+        }
         r = curvature.top_eigenvalue(
-            model, curvature.cross_entropy_loss, batches, max_iter=args.iters, tol=0.0, **kw
+            model, curvature.cross_entropy_loss, batches, params=params, max_iter=args.iters, tol=0.0, **kw
         )
         rows[f"eig_{name}"] = r.eigenvalue
         print(f"{name:18s} eigenvalue {r.eigenvalue:12.4f}  finite {r.finite}", flush=True)
