@@ -193,9 +193,9 @@ def _hvp_from_graph(grads, params, vector, scale, *, retain_graph: bool) -> list
     """``H v`` as the vector-Jacobian product of the gradient with ``v``: one reverse pass through the
     gradient's graph (``grad(<g, v>)`` without building the dot product); fp32 (fp64 stays)."""
     used = [(p, g, v) for p, g, v in zip(params, grads, vector) if g is not None]
-    hv = iter(())
+    raw: list[torch.Tensor | None] = []
     if used:
-        hv = iter(
+        raw = list(
             torch.autograd.grad(
                 [g for _, g, _ in used],
                 [p for p, _, _ in used],
@@ -204,9 +204,13 @@ def _hvp_from_graph(grads, params, vector, scale, *, retain_graph: bool) -> list
                 retain_graph=retain_graph,
             )
         )
-    out = []
+    out, k = [], 0
     for p, g in zip(params, grads):
-        h = next(hv) if g is not None else None
+        h = None
+        if g is not None:
+            # each raw product is let go once divided, so the two copies of Hv never coexist
+            h, raw[k] = raw[k], None
+            k += 1
         out.append(_zeros(p) if h is None else _acc(h) / scale)
     return out
 
@@ -525,14 +529,19 @@ class HessianOperator:
 
     def __call__(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         vector, norm = _fp16_unit(vector, self.autocast_dtype)
-        total = [_zeros(p) for p in self.params]
+        total: list[torch.Tensor] | None = None
         # Kept graphs: built and differentiated under the same rules (a checkpointed forward is
         # recomputed in either pass); fresh products set them up themselves (_double_backward).
         rules = _second_order.second_order_rules(self.model, self.custom_rules and self.reuse_graph)
         with _math_sdpa(self.sdpa_math), rules:  # also when used directly, not only under top_eigenvalue
             for i, w in enumerate(self.weights):
-                for t, x in zip(total, self._hvp(i, vector)):
-                    t.add_(x, alpha=w)
+                hv = self._hvp(i, vector)  # new tensors (every path divides by its loss scale)
+                if total is None:  # the first product is the sum: no zero vector beside it
+                    total = hv if w == 1.0 else [x.mul_(w) for x in hv]
+                else:
+                    for t, x in zip(total, hv):
+                        t.add_(x, alpha=w)
+                del hv
         total = _scaled_back(total, norm)
         return distributed.all_reduce_sum_(total) if self.reduce else total
 
@@ -614,7 +623,10 @@ def _power(op: HessianOperator, v: list[torch.Tensor], max_iter: int, tol: float
         new, sq = torch.stack([_dot(hv, v), _dot(hv, hv)]).tolist()
         if not (math.isfinite(new) and math.isfinite(sq)):
             return float("nan"), v, it, False, False
-        v = _normalize(hv, sq)
+        # in place: Hv is the operator's own new vector, and the previous v is let go, so a product
+        # runs beside one vector, not two (classic keeps the last Hv alive beside the new v)
+        v = [x.div_(math.sqrt(sq) + 1e-30) for x in hv]
+        del hv
         done = math.isfinite(eig) and abs(new - eig) <= tol * (abs(eig) + 1e-12)
         eig = new
         if done:
