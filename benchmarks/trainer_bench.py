@@ -38,17 +38,25 @@ def run_record(command: str, overrides: dict[str, Any], summary: dict[str, Any])
 
 def timed_estimate(trainer, batches, params, **kw) -> tuple[curvature.EigenResult, float]:
     """``top_eigenvalue`` of ``trainer``'s model on ``batches`` with the check's settings (iterations,
-    tolerance, seed, BatchNorm mode) unless ``kw`` overrides them, and its seconds."""
+    tolerance, seed, BatchNorm mode, precision) unless ``kw`` overrides them, and its seconds."""
+    from scaling_abs.trainer import _AUTOCAST, _own_forward
+
     cfg = trainer.cfg
-    args = {"max_iter": cfg.hessian_iters, "tol": cfg.hessian_tol, "seed": cfg.seed + trainer.state.checks}
+    args = {
+        "max_iter": cfg.hessian_iters,
+        "tol": cfg.hessian_tol,
+        "seed": cfg.seed + trainer.state.checks,
+        "autocast_dtype": _AUTOCAST.get(trainer.check_precision),
+    }
     args.update(kw)
     start = time.perf_counter()
-    res = curvature.top_eigenvalue(
-        trainer.raw_model,
-        curvature.cross_entropy_loss,
-        batches,
-        params=params,
-        bn_mode=cfg.hessian_bn_mode,
-        **args,
-    )
+    with _own_forward(trainer.raw_model):  # as the trainer's checks: not training's autocast wrapper
+        res = curvature.top_eigenvalue(
+            trainer.raw_model,
+            curvature.cross_entropy_loss,
+            batches,
+            params=params,
+            bn_mode=cfg.hessian_bn_mode,
+            **args,
+        )
     return res, time.perf_counter() - start
