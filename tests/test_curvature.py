@@ -547,3 +547,28 @@ def test_hessian_operator_used_directly_runs_attention_models():
         got = flat(op(v))
         want = flat(hvp(model, cross_entropy_loss, (x, y), v, params=params, method="double_backward"))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_power_iteration_keeps_no_copy_of_the_product(monkeypatch, micro_batches):
+    """Memory: each product becomes the next vector in place (not a normalised copy beside it), and
+    the operator's sum is the first micro-batch's product itself (not a zero vector added to).
+    The estimate is still the dense Hessian's top eigenvalue."""
+    model = tiny_mlp()
+    x, y = data()
+    batches = list(zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches)))
+    products, sums = [], []
+    hvp_of, call = curvature.HessianOperator._hvp, curvature.HessianOperator.__call__
+    monkeypatch.setattr(
+        curvature.HessianOperator, "_hvp", lambda self, *a: products.append(hvp_of(self, *a)) or products[-1]
+    )
+    monkeypatch.setattr(
+        curvature.HessianOperator, "__call__", lambda self, v: sums.append(call(self, v)) or sums[-1]
+    )
+    res = top_eigenvalue(model, cross_entropy_loss, batches, max_iter=300, tol=0.0)
+    assert len(sums) == res.iterations and len(products) == res.iterations * micro_batches
+    for first, total in zip(products[::micro_batches], sums):
+        assert all(a is b for a, b in zip(first, total))
+    assert all(a is b for a, b in zip(res.eigenvector, sums[-1]))
+    top = torch.linalg.eigvalsh(dense_hessian(model, (x, y)))
+    assert res.eigenvalue == pytest.approx(float(top[top.abs().argmax()]), rel=1e-6)
