@@ -121,4 +121,5 @@ def test_bf16_training_run_with_checks(tmp_path):
     checks = [r for r in rows if r["kind"] == "check"]
     assert len(checks) == summary["curvature_checks"] >= 3
     assert all(c["finite"] and c["eigenvalue"] > 0 for c in checks)
+    assert {c["precision"] for c in checks} == {"bf16"}  # hessian_precision=auto: as training
     assert summary["max_batch_size"] > 64  # kappa = 1: every check without a drop grows the batch
