@@ -24,39 +24,18 @@ import torch
 
 from scaling_abs import curvature
 from scaling_abs.config import load_config
-from scaling_abs.data import build_dataset, collate_batch
-from scaling_abs.models import build_model, model_default_augmentation
+from scaling_abs.trainer import build_data_and_model, fetch_batches, hessian_draw
 
 
 def _setup(run: Path, check: int, device: torch.device):
     from safetensors.torch import load_model
 
     cfg = load_config(str(run / "config.yaml"))
-    aug = model_default_augmentation(cfg.model) if cfg.augmentation == "auto" else cfg.augmentation
-    data = build_dataset(
-        cfg.dataset,
-        data_dir=cfg.data_dir or None,
-        augmentation=aug,
-        limit_train_samples=cfg.limit_train_samples or None,
-    )
-    model = build_model(
-        cfg.model,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        image_size=data.image_size,
-        mean=data.mean,
-        std=data.std,
-    )
+    data, model = build_data_and_model(cfg)
     load_model(model, str(run / "model.safetensors"))
     model.to(device)
-    n_train = len(data.train)
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + check)  # the trainer's draw for this check
-    idx = torch.randperm(n_train, generator=g)[: min(cfg.hessian_samples, n_train)].tolist()
-    micro = cfg.hessian_micro_batch_size or cfg.micro_batch_size
-    batches = []
-    for i in range(0, len(idx), micro):
-        x, y = collate_batch([data.train[j] for j in idx[i : i + micro]])
-        batches.append((x.to(device), y.to(device)))
+    idx = hessian_draw(cfg, len(data.train), check)  # the trainer's draw for this check
+    batches = fetch_batches(data.train, idx, cfg.hessian_micro_batch_size or cfg.micro_batch_size, device)
     return cfg, model, batches
 
 

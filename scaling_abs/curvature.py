@@ -572,10 +572,13 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))
 
 
-def _normalize(v: list[torch.Tensor], sq: float | None = None) -> list[torch.Tensor]:
-    """``v / ||v||``; ``sq``, the squared norm when the caller already has it on the host."""
+def _normalize(
+    v: list[torch.Tensor], sq: float | None = None, *, inplace: bool = False
+) -> list[torch.Tensor]:
+    """``v / ||v||``; ``sq``, the squared norm when the caller already has it on the host;
+    ``inplace``: ``v``'s own tensors divided (for a vector nothing else holds)."""
     norm = torch.sqrt(_dot(v, v)) if sq is None else math.sqrt(sq)
-    return [x / (norm + 1e-30) for x in v]
+    return [x.div_(norm + 1e-30) if inplace else x / (norm + 1e-30) for x in v]
 
 
 def _gaussian(params: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
@@ -625,7 +628,7 @@ def _power(op: HessianOperator, v: list[torch.Tensor], max_iter: int, tol: float
             return float("nan"), v, it, False, False
         # in place: Hv is the operator's own new vector, and the previous v is let go, so a product
         # runs beside one vector, not two (classic keeps the last Hv alive beside the new v)
-        v = [x.div_(math.sqrt(sq) + 1e-30) for x in hv]
+        v = _normalize(hv, sq, inplace=True)
         del hv
         done = math.isfinite(eig) and abs(new - eig) <= tol * (abs(eig) + 1e-12)
         eig = new

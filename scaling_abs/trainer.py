@@ -35,7 +35,7 @@ from scaling_abs import curvature, distributed
 from scaling_abs.adversarial import mix_adversarial
 from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan
 from scaling_abs.config import TrainConfig, dump_config, validate
-from scaling_abs.data import build_dataset, collate_batch
+from scaling_abs.data import DataBundle, build_dataset, collate_batch
 from scaling_abs.errors import UserError
 from scaling_abs.models import build_model, count_parameters, model_default_augmentation
 from scaling_abs.schedules import build_schedule
@@ -213,23 +213,7 @@ class Trainer:
         assert acc.num_processes == world, f"Accelerate sees {acc.num_processes} processes, env says {world}"
         torch.manual_seed(cfg.seed)
 
-        aug = model_default_augmentation(cfg.model) if cfg.augmentation == "auto" else cfg.augmentation
-        self.data = build_dataset(
-            cfg.dataset,
-            data_dir=cfg.data_dir or None,
-            augmentation=aug,
-            download=cfg.download,
-            limit_train_samples=cfg.limit_train_samples or None,
-        )
-        d = self.data
-        self.model = build_model(
-            cfg.model,
-            num_classes=d.num_classes,
-            in_channels=d.in_channels,
-            image_size=d.image_size,
-            mean=d.mean,
-            std=d.std,
-        )
+        self.data, self.model = build_data_and_model(cfg)
         self.num_params = count_parameters(self.model)
         if cfg.hessian_checkpoint and curvature.units_of(self.model) is None:
             raise UserError(
@@ -265,7 +249,7 @@ class Trainer:
             raise UserError(
                 f"deepspeed: Accelerate did not enable DeepSpeed ({acc.distributed_type.name} run)"
             )
-        self.n_train = len(d.train)
+        self.n_train = len(self.data.train)
         self.order = SampleOrder(self.n_train, seed=cfg.seed)
         self.total_samples = int(math.ceil(cfg.epochs * self.n_train))
         self.check_every = cfg.hessian_every or self.n_train
@@ -392,19 +376,17 @@ class Trainer:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of a seeded draw of ``samples`` (default ``hessian_samples``) training
         samples, micro-batched; the default seed follows the check count."""
-        cfg, acc = self.cfg, self.accelerator
-        n = min(cfg.hessian_samples if samples is None else samples, self.n_train)
-        n -= n % acc.num_processes
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.state.checks if seed is None else seed)
-        idx = torch.randperm(self.n_train, generator=g)[:n].tolist()
-        share = n // acc.num_processes
-        idx = idx[acc.process_index * share : (acc.process_index + 1) * share]
-        batches = []
-        micro = self._check_memory["micro"]
-        for i in range(0, len(idx), micro):
-            x, y = collate_batch(_fetch(self.data.train, idx[i : i + micro]))
-            batches.append((x.to(acc.device), y.to(acc.device)))
-        return batches
+        acc = self.accelerator
+        idx = hessian_draw(
+            self.cfg,
+            self.n_train,
+            self.state.checks,
+            samples=samples,
+            seed=seed,
+            world=acc.num_processes,
+            rank=acc.process_index,
+        )
+        return fetch_batches(self.data.train, idx, self._check_memory["micro"], acc.device)
 
     def _curvature_model(self) -> torch.nn.Module:
         """The module the check differentiates. ZeRO-3 keeps only a shard of each parameter on a rank
@@ -771,6 +753,56 @@ def _own_forward(model: torch.nn.Module):
         yield
     finally:
         model.forward = wrapped
+
+
+def build_data_and_model(cfg: TrainConfig) -> tuple[DataBundle, torch.nn.Module]:
+    """The run's data set and its (freshly initialised) model, as :class:`Trainer` builds them."""
+    aug = model_default_augmentation(cfg.model) if cfg.augmentation == "auto" else cfg.augmentation
+    data = build_dataset(
+        cfg.dataset,
+        data_dir=cfg.data_dir or None,
+        augmentation=aug,
+        download=cfg.download,
+        limit_train_samples=cfg.limit_train_samples or None,
+    )
+    model = build_model(
+        cfg.model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        mean=data.mean,
+        std=data.std,
+    )
+    return data, model
+
+
+def hessian_draw(
+    cfg: TrainConfig,
+    n_train: int,
+    check: int,
+    *,
+    samples: int | None = None,
+    seed: int | None = None,
+    world: int = 1,
+    rank: int = 0,
+) -> list[int]:
+    """Rank ``rank``'s share of the seeded draw of ``samples`` (default ``hessian_samples``) training
+    samples for check number ``check`` (0-based; ``seed`` overrides the seed it gives)."""
+    n = min(cfg.hessian_samples if samples is None else samples, n_train)
+    n -= n % world
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + check if seed is None else seed)
+    idx = torch.randperm(n_train, generator=g)[:n].tolist()
+    share = n // world
+    return idx[rank * share : (rank + 1) * share]
+
+
+def fetch_batches(dataset, indices: list[int], micro: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``dataset``'s samples at ``indices`` as micro-batches of at most ``micro``, on ``device``."""
+    batches = []
+    for i in range(0, len(indices), micro):
+        x, y = collate_batch(_fetch(dataset, indices[i : i + micro]))
+        batches.append((x.to(device), y.to(device)))
+    return batches
 
 
 def _fetch(dataset, indices: list[int]):
