@@ -10,7 +10,9 @@ gradient ``g`` (``dx = A(g, W)``, ``dW = B(g, x)``), each with its own backward 
 training itself uses (a forward convolution and one output of ``convolution_backward``), and
 eval-mode BatchNorm is the per-channel affine map it is, ``x * s + t`` with
 ``s = w / sqrt(var + eps)``, ``t = b - mean * s`` (written as a multiply and an add: ``addcmul``'s
-backward keeps a full-size copy of ``x`` in a second-order graph). The values and both derivatives
+backward keeps a full-size copy of ``x`` in a second-order graph); on the CPU, where it reads a
+convolution's untouched output, it is folded into that convolution instead (``conv(x, W * s) + t``:
+the scale on the small weight, not on the feature map; :func:`_folded`). The values and both derivatives
 are the same functions, so the HVP is the same up to rounding (tests: dense fp64 Hessians to 1e-10,
 ResNet-18 in fp32 to 1e-5). ReLU and max pooling are piecewise linear, so their backward's
 derivative in the forward input is zero; PyTorch's rules build it as a zeros tensor of the input's
@@ -124,10 +126,36 @@ def _autocast_cast(t: torch.Tensor | None, device: str) -> torch.Tensor | None:
     return t.to(torch.get_autocast_dtype(device))
 
 
+# A convolution's output carries (input, weight, bias, conf, version) under this attribute, so that
+# an eval-mode BatchNorm applied to it can fold itself into the convolution (:func:`_folded`).
+_FOLDABLE = "_scaling_abs_conv"
+
+
 def _conv(x, w, b, conf):
     device = x.device.type
     if torch.is_autocast_enabled(device):
         x, w, b = (_autocast_cast(t, device) for t in (x, w, b))
+    out = _Conv.apply(x, w, b, conf)
+    if device == "cpu" and out.dtype in (torch.float32, torch.float64):  # where folding was measured
+        setattr(out, _FOLDABLE, (x, w, b, conf, out._version))
+    return out
+
+
+def _folded(conv_out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
+    """``conv(x, W * s) + (b * s + t)``, the same function as ``conv(x, W, b) * s + t`` (eval-mode
+    BatchNorm after a convolution), or None when ``conv_out`` is not a convolution's untouched output.
+    The per-channel scale then sits on the small weight instead of multiplying the feature map: the
+    second-order graph of ``x * s`` costs several full-size multiplies per product (the small CNN's
+    two BatchNorms were half of its product on the CPU; README "What a curvature check costs").
+    The convolution's own output is computed anyway (other code may use it) and dropped here."""
+    saved = getattr(conv_out, _FOLDABLE, None)
+    if saved is None:
+        return None
+    x, w, b, conf, version = saved
+    if conv_out._version != version or scale.dtype != w.dtype:  # changed in place since; mixed dtypes
+        return None
+    w = w * scale.view((-1,) + (1,) * (w.dim() - 1))
+    b = shift if b is None else b * scale + shift
     return _Conv.apply(x, w, b, conf)
 
 
@@ -139,6 +167,9 @@ def _eval_batch_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     shift = -module.running_mean * scale
     if module.bias is not None:
         shift = shift + module.bias
+    folded = _folded(x, scale, shift)
+    if folded is not None:
+        return folded
     shape = (1, -1) + (1,) * (x.dim() - 2)
     out = x * scale.view(shape) + shift.view(shape)
     return out if out.dtype == x.dtype else out.to(x.dtype)  # autocast: BatchNorm keeps its input's

@@ -138,6 +138,79 @@ def test_rules_are_used_where_they_apply_and_nowhere_else():
         assert name(conv(x)) == "ConvolutionBackward0"
 
 
+class FoldCases(nn.Module):
+    """Eval-mode BatchNorm after convolutions, folded or not: a 2-d convolution with a bias, a
+    1-d one, one whose output also feeds a skip connection (folded, and the skip still sees the
+    convolution), and one whose output is changed in place before its BatchNorm (not folded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Parameter(torch.linspace(0.5, 1.5, 2).view(1, 2, 1, 1))
+        self.c_bias, self.bn_bias = nn.Conv2d(2, 3, 3, padding=1, bias=True), nn.BatchNorm2d(3)
+        self.c_1d, self.bn_1d = nn.Conv1d(2, 3, 3, padding=1, bias=False), nn.BatchNorm1d(3)
+        self.c_skip, self.bn_skip = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.c_inplace, self.bn_inplace = nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3)
+        self.head = nn.Linear(3 + 3, 3)
+
+    def forward(self, x):
+        x = x * self.pre
+        a = torch.tanh(self.bn_bias(self.c_bias(x)))
+        c = self.c_skip(a)
+        b = torch.tanh(self.bn_skip(c) + c)  # the convolution's output used twice
+        d = self.c_inplace(b)
+        d.mul_(1.5)  # in place: the BatchNorm must see it
+        b = torch.tanh(self.bn_inplace(d))
+        e = torch.tanh(self.bn_1d(self.c_1d(x.flatten(2))))
+        return self.head(torch.cat([b.mean((2, 3)), e.mean(2)], 1))
+
+
+def test_batch_norm_folds_into_the_convolution_before_it(monkeypatch):
+    """``conv(x, W) * s + t`` computed as ``conv(x, W * s) + t``: the same Hessian (fp64 dense), where
+    the BatchNorm reads a convolution's untouched output, and only there."""
+    torch.manual_seed(0)
+    model = FoldCases().double()
+    model.train()
+    with torch.no_grad():  # running statistics that are not the identity
+        for _ in range(3):
+            model(torch.randn(8, 2, 5, 5, dtype=torch.float64))
+    model.eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    data = batch()
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(5)
+    v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    expected = dense_hessian(model, data) @ flat(v)
+    folded = []
+    original = _second_order._folded
+
+    def counted(conv_out, scale, shift):
+        out = original(conv_out, scale, shift)
+        folded.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_second_order, "_folded", counted)
+    for reuse in (True, False):
+        op = curvature.HessianOperator(model, cross_entropy_loss, [data], params, reuse_graph=reuse)
+        torch.testing.assert_close(flat(op(v)), expected, rtol=1e-10, atol=1e-12)
+        # bias, skip and 1-d folded; the one changed in place not
+        assert folded == [True, True, False, True], folded
+        folded.clear()
+    ours, stock = (
+        curvature.grad_and_hvp(model, cross_entropy_loss, data, v, params=params, custom_rules=rules)
+        for rules in (True, False)
+    )
+    torch.testing.assert_close(flat(ours[0]), flat(stock[0]), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(flat(ours[1]), flat(stock[1]), rtol=1e-10, atol=1e-12)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with second_order_rules(model):
+        assert type(model.bn_bias(model.c_bias(x)).grad_fn).__name__ == "_ConvBackward"
+        assert type(model.bn_skip(x[:, :1].expand(2, 3, 5, 5)).grad_fn).__name__ == "AddBackward0"
+
+
 class PoolNet(nn.Module):
     """ReLU and max-pooling modules (in place, overlapping windows with padding, dilation and
     ceil_mode, and the plain 2x2 one) between convolutions and eval-mode BatchNorm."""
