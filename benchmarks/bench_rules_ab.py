@@ -1,5 +1,6 @@
 """Second-order rule sets side by side in one process: PyTorch's rules, ours for convolutions and
-eval-mode BatchNorm only, and ours with ReLU and max pooling too (the default). Rounds alternate
+eval-mode BatchNorm only, ours with ReLU and max pooling too, and (the default) with eval-mode
+BatchNorm folded into the convolution before it (CPU only). Rounds alternate
 between the sets, so a machine whose speed drifts between processes (this 2-core one: 10-40 % from
 one run of ``bench_hvp.py`` to the next) moves all of them alike.
 
@@ -7,7 +8,8 @@ one run of ``bench_hvp.py`` to the next) moves all of them alike.
         --out benchmarks/results/bench_rules_ab_cnn512.json
 
 Per round and set: one HVP on a kept gradient graph (the mean of 3 after the one that builds the
-graph) and a 10-product power-iteration estimate (``tol=0``, the graph kept); medians over rounds.
+graph), one HVP from scratch (a new forward and backward: ``reuse_graph=False``) and a 10-product
+power-iteration estimate (``tol=0``, the graph kept); medians over rounds.
 The values must agree between the sets (the same Hessian; rounding aside).
 """
 
@@ -40,10 +42,18 @@ def _conv_bn_only(module: nn.Module):
     return None if isinstance(module, (nn.ReLU, nn.MaxPool2d)) else ALL_RULES(module)
 
 
-SETS = {  # name: (custom_rules, which modules get ours)
-    "pytorch": (False, ALL_RULES),
-    "ours_conv_bn": (True, _conv_bn_only),
-    "ours": (True, ALL_RULES),
+FOLD = _second_order._folded
+
+
+def _no_fold(*args):
+    return None
+
+
+SETS = {  # name: (custom_rules, which modules get ours, BatchNorm folding)
+    "pytorch": (False, ALL_RULES, FOLD),
+    "ours_conv_bn": (True, _conv_bn_only, _no_fold),
+    "ours_no_fold": (True, ALL_RULES, _no_fold),
+    "ours": (True, ALL_RULES, FOLD),
 }
 
 
@@ -74,15 +84,20 @@ def main() -> None:
     model.eval()
     params = list(model.parameters())
     v = [torch.randn_like(p) for p in params]
-    rows = {name: {"product_s": [], "estimate_s": [], "eigenvalue": None} for name in SETS}
+    rows = {name: {"product_s": [], "fresh_s": [], "estimate_s": [], "eigenvalue": None} for name in SETS}
     for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-        for name, (rules, rule) in SETS.items():
-            _second_order._rule = rule
+        for name, (rules, rule, fold) in SETS.items():
+            _second_order._rule, _second_order._folded = rule, fold
             try:
                 op = HessianOperator(model, cross_entropy_loss, [(x, y)], params, custom_rules=rules)
                 op(v)  # builds the graph
                 product, _ = _timed(lambda op=op: [op(v) for _ in range(3)], device)
                 del op
+                fresh_op = HessianOperator(
+                    model, cross_entropy_loss, [(x, y)], params, custom_rules=rules, reuse_graph=False
+                )
+                fresh, _ = _timed(lambda op=fresh_op: op(v), device)
+                del fresh_op
                 estimate, res = _timed(
                     lambda rules=rules: top_eigenvalue(
                         model, cross_entropy_loss, [(x, y)], max_iter=10, tol=0.0, custom_rules=rules
@@ -90,19 +105,23 @@ def main() -> None:
                     device,
                 )
             finally:
-                _second_order._rule = ALL_RULES
+                _second_order._rule, _second_order._folded = ALL_RULES, FOLD
             rows[name]["product_s"].append(product / 3)
+            rows[name]["fresh_s"].append(fresh)
             rows[name]["estimate_s"].append(estimate)
             rows[name]["eigenvalue"] = res.eigenvalue
     results = []
     for name, r in rows.items():
-        product, estimate = r["product_s"][1:], r["estimate_s"][1:]
+        product, fresh, estimate = r["product_s"][1:], r["fresh_s"][1:], r["estimate_s"][1:]
         results.append(
             {
                 "rules": name,
                 "product_median_s": statistics.median(product),
                 "product_min_s": min(product),
                 "product_max_s": max(product),
+                "fresh_median_s": statistics.median(fresh),
+                "fresh_min_s": min(fresh),
+                "fresh_max_s": max(fresh),
                 "estimate_median_s": statistics.median(estimate),
                 "estimate_min_s": min(estimate),
                 "estimate_max_s": max(estimate),
@@ -112,6 +131,8 @@ def main() -> None:
         print(
             f"{args.model} {args.batch:5d} {name:13s} kept-graph product "
             f"{1e3 * results[-1]['product_median_s']:8.1f} ms [{1e3 * min(product):.1f}-{1e3 * max(product):.1f}]"
+            f"   fresh product {1e3 * results[-1]['fresh_median_s']:8.1f} ms"
+            f" [{1e3 * min(fresh):.1f}-{1e3 * max(fresh):.1f}]"
             f"   10-product estimate {1e3 * results[-1]['estimate_median_s']:8.1f} ms"
             f" [{1e3 * min(estimate):.1f}-{1e3 * max(estimate):.1f}]   eigenvalue {r['eigenvalue']:.6g}",
             flush=True,
