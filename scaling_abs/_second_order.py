@@ -126,7 +126,7 @@ def _autocast_cast(t: torch.Tensor | None, device: str) -> torch.Tensor | None:
     return t.to(torch.get_autocast_dtype(device))
 
 
-# A convolution's output carries (input, weight, bias, conf, version) under this attribute, so that
+# A convolution's output carries (input, weight, bias, conf, versions) under this attribute, so that
 # an eval-mode BatchNorm applied to it can fold itself into the convolution (:func:`_folded`).
 _FOLDABLE = "_scaling_abs_conv"
 
@@ -137,8 +137,12 @@ def _conv(x, w, b, conf):
         x, w, b = (_autocast_cast(t, device) for t in (x, w, b))
     out = _Conv.apply(x, w, b, conf)
     if device == "cpu" and out.dtype in (torch.float32, torch.float64):  # where folding was measured
-        setattr(out, _FOLDABLE, (x, w, b, conf, out._version))
+        setattr(out, _FOLDABLE, (x, w, b, conf, _versions(out, x, w, b)))
     return out
+
+
+def _versions(*tensors: torch.Tensor | None) -> tuple:
+    return tuple(None if t is None else t._version for t in tensors)
 
 
 def _folded(conv_out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
@@ -151,8 +155,9 @@ def _folded(conv_out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     saved = getattr(conv_out, _FOLDABLE, None)
     if saved is None:
         return None
-    x, w, b, conf, version = saved
-    if conv_out._version != version or scale.dtype != w.dtype:  # changed in place since; mixed dtypes
+    x, w, b, conf, versions = saved
+    # the output, or the convolution's input, weight or bias changed in place since; mixed dtypes
+    if _versions(conv_out, x, w, b) != versions or scale.dtype != w.dtype:
         return None
     w = w * scale.view((-1,) + (1,) * (w.dim() - 1))
     b = shift if b is None else b * scale + shift

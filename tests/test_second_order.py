@@ -206,6 +206,13 @@ def test_batch_norm_folds_into_the_convolution_before_it(monkeypatch):
     torch.testing.assert_close(flat(ours[0]), flat(stock[0]), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(flat(ours[1]), flat(stock[1]), rtol=1e-10, atol=1e-12)
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    for rules in (True, False):  # the input changed in place after the convolution: not folded, so
+        h = (x * model.pre).clone()  # autograd refuses it as PyTorch's rules do (not a silent fold)
+        with second_order_rules(model, rules):
+            out = model.c_bias(h)
+            h.mul_(2.0)
+            with pytest.raises(RuntimeError, match="inplace"):
+                torch.autograd.grad(model.bn_bias(out).sum(), model.pre)
     with second_order_rules(model):
         assert type(model.bn_bias(model.c_bias(x)).grad_fn).__name__ == "_ConvBackward"
         assert type(model.bn_skip(x[:, :1].expand(2, 3, 5, 5)).grad_fn).__name__ == "AddBackward0"
