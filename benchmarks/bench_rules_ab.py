@@ -1,11 +1,15 @@
-"""Second-order rule sets side by side in one process: PyTorch's rules, ours for convolutions and
-eval-mode BatchNorm only, ours with ReLU and max pooling too, and (the default) with eval-mode
-BatchNorm folded into the convolution before it (CPU only). Rounds alternate
-between the sets, so a machine whose speed drifts between processes (this 2-core one: 10-40 % from
-one run of ``bench_hvp.py`` to the next) moves all of them alike.
+"""Second-order rule sets side by side in one process: PyTorch's rules (and PyTorch's with the
+model and data in the channels-last memory format), ours for convolutions and eval-mode BatchNorm
+only, ours with ReLU and max pooling too, with eval-mode BatchNorm folded into the convolution
+before it (CPU only), and (the default) with the CPU's 2-d convolutions in the channels-last memory
+format as well. Each set adds one thing to the one before it. Rounds alternate between the sets, so
+a machine whose speed drifts between processes (this 2-core one: 10-40 % from one run of
+``bench_hvp.py`` to the next) moves all of them alike.
 
     .venv/bin/python benchmarks/bench_rules_ab.py --model cnn --batch 512 --rounds 8 \
         --out benchmarks/results/bench_rules_ab_cnn512.json
+    .venv/bin/python benchmarks/bench_rules_ab.py --model c1 --batch 128 --rounds 2 \
+        --sets pytorch pytorch_channels_last ours_nchw ours
 
 Per round and set: one HVP on a kept gradient graph (the mean of 3 after the one that builds the
 graph), one HVP from scratch (a new forward and backward: ``reuse_graph=False``) and a 10-product
@@ -43,17 +47,25 @@ def _conv_bn_only(module: nn.Module):
 
 
 FOLD = _second_order._folded
+CHANNELS_LAST = _second_order._channels_last
 
 
 def _no_fold(*args):
     return None
 
 
-SETS = {  # name: (custom_rules, which modules get ours, BatchNorm folding)
-    "pytorch": (False, ALL_RULES, FOLD),
-    "ours_conv_bn": (True, _conv_bn_only, _no_fold),
-    "ours_no_fold": (True, ALL_RULES, _no_fold),
-    "ours": (True, ALL_RULES, FOLD),
+def _nchw(x, w):
+    return x, w
+
+
+SETS = {  # name: (custom_rules, which modules get ours, BatchNorm folding, our convolutions' layout,
+    #               model and data in channels-last)
+    "pytorch": (False, ALL_RULES, FOLD, CHANNELS_LAST, False),
+    "pytorch_channels_last": (False, ALL_RULES, FOLD, CHANNELS_LAST, True),
+    "ours_conv_bn": (True, _conv_bn_only, _no_fold, _nchw, False),
+    "ours_no_fold": (True, ALL_RULES, _no_fold, _nchw, False),
+    "ours_nchw": (True, ALL_RULES, FOLD, _nchw, False),
+    "ours": (True, ALL_RULES, FOLD, CHANNELS_LAST, False),
 }
 
 
@@ -72,8 +84,10 @@ def main() -> None:
     ap.add_argument("--model", default="cnn", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    sets = {name: SETS[name] for name in SETS if name in args.sets}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     channels, size = SHAPES[args.model]
@@ -84,10 +98,13 @@ def main() -> None:
     model.eval()
     params = list(model.parameters())
     v = [torch.randn_like(p) for p in params]
-    rows = {name: {"product_s": [], "fresh_s": [], "estimate_s": [], "eigenvalue": None} for name in SETS}
+    rows = {name: {"product_s": [], "fresh_s": [], "estimate_s": [], "eigenvalue": None} for name in sets}
     for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-        for name, (rules, rule, fold) in SETS.items():
-            _second_order._rule, _second_order._folded = rule, fold
+        for name, (rules, rule, fold, layout, whole_model) in sets.items():
+            _second_order._rule, _second_order._folded, _second_order._channels_last = rule, fold, layout
+            fmt = torch.channels_last if whole_model else torch.contiguous_format
+            model.to(memory_format=fmt)  # the same parameter objects, converted in place
+            x = x.contiguous(memory_format=fmt)
             try:
                 op = HessianOperator(model, cross_entropy_loss, [(x, y)], params, custom_rules=rules)
                 op(v)  # builds the graph
@@ -99,13 +116,14 @@ def main() -> None:
                 fresh, _ = _timed(lambda op=fresh_op: op(v), device)
                 del fresh_op
                 estimate, res = _timed(
-                    lambda rules=rules: top_eigenvalue(
+                    lambda rules=rules, x=x: top_eigenvalue(
                         model, cross_entropy_loss, [(x, y)], max_iter=10, tol=0.0, custom_rules=rules
                     ),
                     device,
                 )
             finally:
                 _second_order._rule, _second_order._folded = ALL_RULES, FOLD
+                _second_order._channels_last = CHANNELS_LAST
             rows[name]["product_s"].append(product / 3)
             rows[name]["fresh_s"].append(fresh)
             rows[name]["estimate_s"].append(estimate)
@@ -129,7 +147,7 @@ def main() -> None:
             }
         )
         print(
-            f"{args.model} {args.batch:5d} {name:13s} kept-graph product "
+            f"{args.model} {args.batch:5d} {name:21s} kept-graph product "
             f"{1e3 * results[-1]['product_median_s']:8.1f} ms [{1e3 * min(product):.1f}-{1e3 * max(product):.1f}]"
             f"   fresh product {1e3 * results[-1]['fresh_median_s']:8.1f} ms"
             f" [{1e3 * min(fresh):.1f}-{1e3 * max(fresh):.1f}]"
@@ -146,6 +164,7 @@ def main() -> None:
         "torch": torch.__version__,
         "git_revision": rev.stdout.strip(),
         "rounds": args.rounds,
+        "sets": list(sets),
     }
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -161,7 +161,11 @@ def _fp16_unit(
 
 
 def _scaled_back(hv: list[torch.Tensor], norm: torch.Tensor | None) -> list[torch.Tensor]:
-    return hv if norm is None else [h * norm.to(h.dtype) for h in hv]
+    """``hv`` times ``norm`` (fp16's unit vector undone), each tensor in the default layout: on the
+    CPU our rules' convolutions give channels-last gradients (:func:`_second_order._channels_last`)."""
+    if norm is not None:
+        hv = [h * norm.to(h.dtype) for h in hv]
+    return [h.contiguous() for h in hv]
 
 
 def _autocast(params: Sequence[torch.Tensor], dtype: torch.dtype | None):
@@ -300,7 +304,7 @@ def grad_and_hvp(
     rules = _second_order.wanted(custom_rules, params[0].device, autocast_dtype)  # a bad value fails here
     vector, norm = _fp16_unit(vector, autocast_dtype)
     g, hv = _grad_and_hvp(model, loss_fn, batch, params, vector, autocast_dtype, method, rules)
-    return g, _scaled_back(hv, norm)
+    return _scaled_back(g, None), _scaled_back(hv, norm)
 
 
 def _grad_and_hvp(model, loss_fn, batch, params, vector, autocast_dtype, method, rules: bool):

@@ -61,7 +61,14 @@ def test_rules_benchmark_runs_and_its_rule_sets_agree(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [r["rules"] for r in rows] == ["pytorch", "ours_conv_bn", "ours_no_fold", "ours"]
+    assert [r["rules"] for r in rows] == [
+        "pytorch",
+        "pytorch_channels_last",
+        "ours_conv_bn",
+        "ours_no_fold",
+        "ours_nchw",
+        "ours",
+    ]
     values = [r["eigenvalue"] for r in rows]
     assert max(values) - min(values) < 1e-5 * abs(values[0])  # the same Hessian under each rule set
 

@@ -206,16 +206,93 @@ def test_batch_norm_folds_into_the_convolution_before_it(monkeypatch):
     torch.testing.assert_close(flat(ours[0]), flat(stock[0]), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(flat(ours[1]), flat(stock[1]), rtol=1e-10, atol=1e-12)
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
-    for rules in (True, False):  # the input changed in place after the convolution: not folded, so
-        h = (x * model.pre).clone()  # autograd refuses it as PyTorch's rules do (not a silent fold)
+    cl = torch.channels_last
+    for rules, layout in ((True, cl), (False, cl), (False, torch.contiguous_format)):
+        # the input changed in place after the convolution: not folded, so autograd refuses it as
+        # PyTorch's rules do (not a silent fold with the changed input)
+        h = (x * model.pre).contiguous(memory_format=layout).clone()
         with second_order_rules(model, rules):
             out = model.c_bias(h)
             h.mul_(2.0)
             with pytest.raises(RuntimeError, match="inplace"):
                 torch.autograd.grad(model.bn_bias(out).sum(), model.pre)
+    # an NCHW input: our convolution ran on a channels-last copy, which the change does not touch,
+    # so the gradient is the unchanged input's (folded or not, the graph holds the copy)
+    (expected_grad,) = torch.autograd.grad(model.bn_bias(model.c_bias(x * model.pre)).sum(), model.pre)
+    h = (x * model.pre).clone()
+    with second_order_rules(model):
+        out = model.c_bias(h)
+        h.mul_(2.0)
+        (grad,) = torch.autograd.grad(model.bn_bias(out).sum(), model.pre)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-14)
     with second_order_rules(model):
         assert type(model.bn_bias(model.c_bias(x)).grad_fn).__name__ == "_ConvBackward"
         assert type(model.bn_skip(x[:, :1].expand(2, 3, 5, 5)).grad_fn).__name__ == "AddBackward0"
+
+
+def test_cpu_convolutions_run_channels_last_and_products_come_back_contiguous():
+    """On the CPU our rules run 2-d convolutions in the channels-last memory format (measured
+    faster); ReLU, eval-mode BatchNorm and our max pooling keep it, and what the curvature functions
+    return is in the default layout again (safetensors, all-reduces and ``view`` need that)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 3 * 3, 3),
+    ).eval()  # fmt: skip
+    x = torch.randn(5, 2, 6, 6)
+    cl = torch.channels_last
+    with second_order_rules(model):
+        h = x
+        for layer in model[:5]:
+            h = layer(h)
+            assert h.is_contiguous(memory_format=cl) and not h.is_contiguous(), layer
+    conv1d = nn.Conv1d(2, 3, 3)
+    with second_order_rules(conv1d):
+        assert conv1d(torch.randn(4, 2, 7)).is_contiguous()  # 1-d convolutions as they are
+    data = (x, torch.randint(0, 3, (5,)))
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    g, hv = curvature.grad_and_hvp(model, cross_entropy_loss, data, v, params=params, custom_rules=True)
+    op = curvature.HessianOperator(model, cross_entropy_loss, [data], params, custom_rules=True)
+    assert all(t.is_contiguous() for t in [*g, *hv, *op(v)])
+    ref_g, ref_hv = curvature.grad_and_hvp(
+        model, cross_entropy_loss, data, v, params=params, custom_rules=False
+    )
+    torch.testing.assert_close(flat(hv), flat(ref_hv), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat(g), flat(ref_g), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_max_pool_rule_keeps_the_memory_format_and_pytorchs_derivatives(layout):
+    """Our max pooling in either memory format (after a convolution under our rules on the CPU it
+    is channels-last), also with a gradient arriving in the other one: PyTorch's first and second
+    derivatives, and the input's format kept."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 7, 6, generator=g, dtype=torch.float64).contiguous(memory_format=layout)
+    x.requires_grad_()
+    conf = ((3, 3), (2, 2), (1, 1), (1, 1), True)  # overlapping windows, padding, ceil_mode
+
+    def ours(t):
+        return _second_order._MaxPool.apply(t, conf)
+
+    def stock(t):
+        return F.max_pool2d(t, 3, 2, 1, 1, True)
+
+    torch.testing.assert_close(ours(x), stock(x), rtol=0, atol=0)
+    assert ours(x).is_contiguous(memory_format=layout)
+    other = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
+    for fmt in (layout, other):
+        gy = torch.randn(ours(x).shape, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+        gy.requires_grad_()
+        (gx,) = torch.autograd.grad(ours(x), x, gy, create_graph=True)
+        (gx_ref,) = torch.autograd.grad(stock(x), x, gy, create_graph=True)
+        torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+        assert gx.is_contiguous(memory_format=layout)
+        w = torch.randn(x.shape, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+        (ggy,) = torch.autograd.grad(gx, gy, w)  # the input gradient differentiated in ``gy``
+        (ggy_ref,) = torch.autograd.grad(gx_ref, gy, w)
+        torch.testing.assert_close(ggy, ggy_ref, rtol=0, atol=0)
+    assert torch.autograd.gradgradcheck(ours, (x,))
 
 
 class PoolNet(nn.Module):
