@@ -236,11 +236,15 @@ def test_cpu_convolutions_run_channels_last_and_products_come_back_contiguous():
     return is in the default layout again (safetensors, all-reduces and ``view`` need that)."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 3 * 3, 3),
     ).eval()  # fmt: skip
-    x = torch.randn(5, 2, 6, 6)
+    x = torch.randn(5, 1, 6, 6)  # one channel: contiguous in both formats, with NCHW strides
     cl = torch.channels_last
+    assert x.is_contiguous(memory_format=cl) and x.stride() == (36, 36, 6, 1)
+    nhwc = _second_order._nhwc(x)  # the kernels read those strides as NCHW: made explicit
+    assert nhwc.stride() == (36, 1, 6, 1) and torch.equal(nhwc, x)
+    assert _second_order._nhwc(nhwc) is nhwc
     with second_order_rules(model):
         h = x
         for layer in model[:5]:
