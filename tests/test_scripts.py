@@ -73,6 +73,24 @@ def test_rules_benchmark_runs_and_its_rule_sets_agree(tmp_path):
     assert max(values) - min(values) < 1e-5 * abs(values[0])  # the same Hessian under each rule set
 
 
+def test_train_layout_benchmark_trains_the_same_in_both_layouts(tmp_path):
+    """bench_train_layout.py end to end: NCHW and channels-last training steps give the same losses."""
+    import json
+    import sys
+
+    out = tmp_path / "layout.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train_layout.py"), "--model", "cnn"]
+    proc = subprocess.run(
+        [*cmd, "--batch", "8", "--rounds", "2", "--out", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["layout"] for r in rows] == ["nchw", "channels_last"]
+    assert len(rows[0]["losses"]) == 3  # a warm-up round and two timed ones, each an SGD step
+    for a, b in zip(rows[0]["losses"], rows[1]["losses"]):
+        assert abs(a - b) < 1e-5 * abs(a)
+
+
 def test_hvp_benchmark_rows_agree_with_classic(tmp_path):
     """bench_hvp.py end to end on the small CNN: our estimates (fp32, and checkpointed under bf16)
     against the classic one from the same start vector, and the ratios it prints."""
