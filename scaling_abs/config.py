@@ -102,6 +102,10 @@ class TrainConfig:
     adv_stop_epoch: float = _f(-1.0, "ABSA: gamma is 0 from this epoch on (tau; -1 = half of training)")
     # execution
     mixed_precision: str = _f("no", "no | bf16 | fp16 (autocast; FGSM runs under the same autocast)")
+    channels_last: bool = _f(
+        False,
+        "train in the channels-last memory format (2-d convolutions; CPU step 0.67-0.75x, GPU not measured)",
+    )
     deepspeed: str = _f("", "path to a DeepSpeed JSON config (ds_configs/zero2.json); empty = off")
     seed: int = _f(0, "seed of the model init, data order and curvature probes")
     output_dir: str = _f("runs/default", "where metrics, checkpoints and the final model go")

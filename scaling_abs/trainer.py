@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scaling_abs import curvature, distributed
+from scaling_abs import _second_order, curvature, distributed
 from scaling_abs.adversarial import mix_adversarial
 from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan
 from scaling_abs.config import TrainConfig, dump_config, validate
@@ -214,6 +214,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.data, self.model = build_data_and_model(cfg)
+        if cfg.channels_last:  # before the ZeRO-3 blueprint and prepare: every copy has the layout
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.num_params = count_parameters(self.model)
         if cfg.hessian_checkpoint and curvature.units_of(self.model) is None:
             raise UserError(
@@ -325,6 +327,8 @@ class Trainer:
         for j in range(plan.accumulation):
             inputs, targets = next(self._loader_iter)
             inputs, targets = inputs.to(acc.device), targets.to(acc.device)
+            if cfg.channels_last and inputs.dim() == 4:
+                inputs = _second_order._nhwc(inputs)  # explicit strides (one-channel data too)
             last = j == plan.accumulation - 1
             with acc.autocast():
                 if adv_fraction > 0 and cfg.adv_eps > 0:
@@ -531,6 +535,8 @@ class Trainer:
         for i in range(0, len(idx), bs):
             x, y = collate_batch(_fetch(self.data.test, idx[i : i + bs]))
             x, y = x.to(acc.device), y.to(acc.device)
+            if self.cfg.channels_last and x.dim() == 4:
+                x = _second_order._nhwc(x)
             with acc.autocast():
                 logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()

@@ -326,6 +326,62 @@ def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypa
         train(load_config(None, {**BASE, **common, "output_dir": str(out), "resume": str(old)}))
 
 
+def test_channels_last_training_is_the_same_run_and_resumes(tmp_path, monkeypatch):
+    """channels_last=true: the model's convolution weights and the data in the channels-last memory
+    format; the same steps as the default layout (rounding aside), the same run with FGSM and checks,
+    and a preempted channels-last run resumes to the uninterrupted one."""
+    kw = {"model": "cnn", "hessian_every": 256, "hessian_samples": 128, "micro_batch_size": 32}
+    layouts = []
+    original = Trainer._train_step
+
+    def spy(self, *args):
+        conv = [p for p in self.raw_model.parameters() if p.dim() == 4][-1]  # 16 input channels
+        layouts.append(conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous())
+        return original(self, *args)
+
+    # two SGD steps: the layouts sum in other orders, and BatchNorm's bias gradient is a sum over
+    # the whole feature map that mostly cancels, so its rounding shows most (2e-3 of the largest
+    # entry after one step with one thread); the weights agree to 1e-4 of theirs
+    two = {**kw, "epochs": 0.125}
+    _, w_plain = run(tmp_path, "plain", strategy="bl", **two)
+    monkeypatch.setattr(Trainer, "_train_step", spy)
+    _, w_cl = run(tmp_path, "cl", strategy="bl", channels_last=True, **two)
+    assert layouts and all(layouts)
+    biases = {k for k in w_plain if k.endswith(".bias") and w_plain[k].dim() == 1 and "running" not in k}
+    assert_close({k: w_plain[k] for k in biases}, {k: w_cl[k] for k in biases}, rtol=2e-2)
+    rest = w_plain.keys() - biases
+    assert_close({k: w_plain[k] for k in rest}, {k: w_cl[k] for k in rest}, rtol=1e-3)
+    # a whole ABSA run (FGSM under the layout, checks on the channels-last model): the same course
+    plain, _ = run(tmp_path, "plain_absa", strategy="absa", **kw)
+    cl, _ = run(tmp_path, "cl_absa", strategy="absa", channels_last=True, **kw)
+    assert (cl["updates"], cl["max_batch_size"]) == (plain["updates"], plain["max_batch_size"])
+    eig = [
+        [r["eigenvalue"] for r in read_metrics(tmp_path / n) if r["kind"] == "check"]
+        for n in ("plain_absa", "cl_absa")
+    ]
+    assert len(eig[0]) >= 2 and eig[1] == pytest.approx(eig[0], rel=3e-2)  # 1.3 % seen: FGSM signs
+
+    full, w_full = run(tmp_path, "full", strategy="abs", channels_last=True, **kw)
+    out = tmp_path / "preempted"
+    cfg = load_config(None, {**BASE, **kw, "strategy": "abs", "channels_last": True, "output_dir": str(out)})
+    calls = {"n": 0}
+
+    def step_then_sigterm(self, *args):
+        calls["n"] += 1
+        loss = original(self, *args)
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(Trainer, "_train_step", step_then_sigterm)
+    assert train(cfg)["interrupted"] is True
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    resumed = train(load_config(None, {**BASE, **kw, "strategy": "abs", "channels_last": True,
+                                       "output_dir": str(out), "resume": "auto"}))  # fmt: skip
+    assert resumed["updates"] == full["updates"]
+    assert_close(w_full, load_file(str(out / "model.safetensors")), rtol=1e-6)
+
+
 def test_half_written_checkpoints_are_never_picked_up(tmp_path):
     root = tmp_path / "checkpoints"
     (root / ".tmp-step_12").mkdir(parents=True)
