@@ -1,8 +1,7 @@
 """A training step (train mode: forward, backward, SGD step) with the model and data in the default
 NCHW memory format against channels-last, in one process, the layouts alternating round by round
-(this 2-core machine's speed drifts 10-40 % between processes). Training itself is not changed by
-this: it is the measurement behind a possible ``channels_last`` training option (not built), after
-our second-order rules gained from the channels-last layout on the CPU.
+(this 2-core machine's speed drifts 10-40 % between processes): the measurement behind the
+``channels_last`` training option (``scaling-abs train channels_last=true``).
 
     .venv/bin/python benchmarks/bench_train_layout.py --model cnn --batch 512 --rounds 8 \
         --out benchmarks/results/bench_train_layout_cnn512.json
