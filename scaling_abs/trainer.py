@@ -320,15 +320,21 @@ class Trainer:
                 self._tb = SummaryWriter(str(self.out / "tensorboard"))
 
     # -- one optimizer step ----------------------------------------------------------------
+    def _on_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the run's device, images in the model's layout (``channels_last``: explicit
+        channels-last strides, one-channel data too)."""
+        x, y = x.to(self.accelerator.device), y.to(self.accelerator.device)
+        if self.cfg.channels_last and x.dim() == 4:
+            x = _second_order._nhwc(x)
+        return x, y
+
     def _train_step(self, plan: Plan, lr: float, adv_fraction: float) -> float:
         acc, cfg = self.accelerator, self.cfg
         self.model.train()
         total_loss = torch.zeros((), device=acc.device)
         for j in range(plan.accumulation):
             inputs, targets = next(self._loader_iter)
-            inputs, targets = inputs.to(acc.device), targets.to(acc.device)
-            if cfg.channels_last and inputs.dim() == 4:
-                inputs = _second_order._nhwc(inputs)  # explicit strides (one-channel data too)
+            inputs, targets = self._on_device(inputs, targets)
             last = j == plan.accumulation - 1
             with acc.autocast():
                 if adv_fraction > 0 and cfg.adv_eps > 0:
@@ -534,9 +540,7 @@ class Trainer:
         bs = max(self.cfg.micro_batch_size, 256)
         for i in range(0, len(idx), bs):
             x, y = collate_batch(_fetch(self.data.test, idx[i : i + bs]))
-            x, y = x.to(acc.device), y.to(acc.device)
-            if self.cfg.channels_last and x.dim() == 4:
-                x = _second_order._nhwc(x)
+            x, y = self._on_device(x, y)
             with acc.autocast():
                 logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()

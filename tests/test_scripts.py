@@ -50,17 +50,22 @@ def test_i3_multi_node_command():
         assert part in cmd, part
 
 
-def test_rules_benchmark_runs_and_its_rule_sets_agree(tmp_path):
+def _bench_json(tmp_path, script: str, *args: str) -> dict:
+    """Run ``benchmarks/<script>`` with ``args`` and ``--out``; the JSON file it wrote."""
     import json
     import sys
 
-    out = tmp_path / "ab.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_rules_ab.py"), "--model", "cnn"]
-    proc = subprocess.run(
-        [*cmd, "--batch", "8", "--rounds", "1", "--out", str(out)], capture_output=True, text=True
-    )
+    out = tmp_path / f"{script}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())
+
+
+def test_rules_benchmark_runs_and_its_rule_sets_agree(tmp_path):
+    rows = _bench_json(tmp_path, "bench_rules_ab.py", "--model", "cnn", "--batch", "8", "--rounds", "1")[
+        "results"
+    ]
     assert [r["rules"] for r in rows] == [
         "pytorch",
         "pytorch_channels_last",
@@ -75,16 +80,8 @@ def test_rules_benchmark_runs_and_its_rule_sets_agree(tmp_path):
 
 def test_train_layout_benchmark_trains_the_same_in_both_layouts(tmp_path):
     """bench_train_layout.py end to end: NCHW and channels-last training steps give the same losses."""
-    import json
-    import sys
-
-    out = tmp_path / "layout.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train_layout.py"), "--model", "cnn"]
-    proc = subprocess.run(
-        [*cmd, "--batch", "8", "--rounds", "2", "--out", str(out)], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(out.read_text())["results"]
+    args = ("--model", "cnn", "--batch", "8", "--rounds", "2")
+    rows = _bench_json(tmp_path, "bench_train_layout.py", *args)["results"]
     assert [r["layout"] for r in rows] == ["nchw", "channels_last"]
     assert len(rows[0]["losses"]) == 3  # a warm-up round and two timed ones, each an SGD step
     for a, b in zip(rows[0]["losses"], rows[1]["losses"]):
@@ -94,17 +91,9 @@ def test_train_layout_benchmark_trains_the_same_in_both_layouts(tmp_path):
 def test_hvp_benchmark_rows_agree_with_classic(tmp_path):
     """bench_hvp.py end to end on the small CNN: our estimates (fp32, and checkpointed under bf16)
     against the classic one from the same start vector, and the ratios it prints."""
-    import json
-    import sys
-
-    out = tmp_path / "hvp.json"
     what = ["train_step", "eig_ours", "eig_ours_bf16", "eig_ours_segmented_bf16", "eig_classic"]
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_hvp.py"), "--models", "cnn", "--batch", "16"]
-    proc = subprocess.run(
-        [*cmd, "--runs", "1", "--measurements", *what, "--out", str(out)], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(out.read_text())
+    args = ("--models", "cnn", "--batch", "16", "--runs", "1", "--measurements", *what)
+    data = _bench_json(tmp_path, "bench_hvp.py", *args)
     rows = {r["measurement"]: r for r in data["results"]}
     assert set(rows) == set(what)
     classic = rows["eig_classic"]["value"]
