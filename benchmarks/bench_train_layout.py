@@ -43,11 +43,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     channels, size = SHAPES[args.model]
-    base = build_model(args.model, num_classes=10, in_channels=channels, image_size=size)
-    x = torch.rand(args.batch, channels, size, size)
-    y = torch.randint(0, 10, (args.batch,))
+    base = build_model(args.model, num_classes=10, in_channels=channels, image_size=size).to(device)
+    x = torch.rand(args.batch, channels, size, size, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
     runs = {}
     for name, fmt in LAYOUTS.items():
         model = copy.deepcopy(base).to(memory_format=fmt).train()
@@ -62,6 +63,8 @@ def main() -> None:
             loss = F.cross_entropy(model(data), y)
             loss.backward()
             opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
             losses[name].append(loss.item())
     results = []
@@ -87,7 +90,7 @@ def main() -> None:
     meta = {
         "command": " ".join(["benchmarks/bench_train_layout.py", *sys.argv[1:]]),
         "machine": platform.node(),
-        "device": platform.machine(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "git_revision": rev.stdout.strip(),

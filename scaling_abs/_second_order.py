@@ -132,6 +132,12 @@ def _autocast_cast(t: torch.Tensor | None, device: str) -> torch.Tensor | None:
 # an eval-mode BatchNorm applied to it can fold itself into the convolution (:func:`_folded`).
 _FOLDABLE = "_scaling_abs_conv"
 
+# Devices where, in fp32 and fp64, our convolutions fold the eval-mode BatchNorm after them
+# (:func:`_folded`) and run 2-d convolutions channels-last (:func:`_channels_last`): where both were
+# measured faster. ``benchmarks/bench_rules_ab.py`` widens them to measure other devices.
+FOLD_DEVICES: tuple[str, ...] = ("cpu",)
+LAYOUT_DEVICES: tuple[str, ...] = ("cpu",)
+
 
 def _channels_last(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-d convolution's input and weight in the channels-last memory format, where the CPU's
@@ -160,10 +166,10 @@ def _conv(x, w, b, conf):
     device = x.device.type
     if torch.is_autocast_enabled(device):
         x, w, b = (_autocast_cast(t, device) for t in (x, w, b))
-    elif device == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64):
+    elif device in LAYOUT_DEVICES and x.dim() == 4 and x.dtype in (torch.float32, torch.float64):
         x, w = _channels_last(x, w)
     out = _Conv.apply(x, w, b, conf)
-    if device == "cpu" and out.dtype in (torch.float32, torch.float64):  # where folding was measured
+    if device in FOLD_DEVICES and out.dtype in (torch.float32, torch.float64):
         setattr(out, _FOLDABLE, (x, w, b, conf, _versions(out, x, w, b)))
     return out
 
