@@ -1,8 +1,7 @@
 """Second-order rule sets side by side in one process: PyTorch's rules (and PyTorch's with the
 model and data in the channels-last memory format), ours for convolutions and eval-mode BatchNorm
 only, ours with ReLU and max pooling too, with eval-mode BatchNorm folded into the convolution
-before it (CPU only), and (the default) with the CPU's 2-d convolutions in the channels-last memory
-format as well. Each set adds one thing to the one before it. Rounds alternate between the sets, so
+before it, and (the default) with 2-d convolutions in the channels-last memory format as well. Each set adds one thing to the one before it. Rounds alternate between the sets, so
 a machine whose speed drifts between processes (this 2-core one: 10-40 % from one run of
 ``bench_hvp.py`` to the next) moves all of them alike.
 
@@ -10,8 +9,8 @@ a machine whose speed drifts between processes (this 2-core one: 10-40 % from on
         --out benchmarks/results/bench_rules_ab_cnn512.json
     .venv/bin/python benchmarks/bench_rules_ab.py --model c1 --batch 128 --rounds 2 \
         --sets pytorch pytorch_channels_last ours_nchw ours
-    python3 benchmarks/bench_rules_ab.py --model c1 --batch 128 --rounds 5 \
-        --sets pytorch ours ours_nchw_any_device ours_any_device   # on a GPU
+    python3 benchmarks/bench_rules_ab.py --model c1 --batch 1024 --rounds 3 \
+        --sets pytorch ours_no_fold ours_nchw ours   # on a GPU: the fold, then channels-last
 
 Per round and set: one HVP on a kept gradient graph (the mean of 3 after the one that builds the
 graph), one HVP from scratch (a new forward and backward: ``reuse_graph=False``) and a 10-product
@@ -61,19 +60,14 @@ def _nchw(x, w):
 
 
 SETS = {  # name: (custom_rules, which modules get ours, BatchNorm folding, our convolutions' layout,
-    #               model and data in channels-last, fold and layout on every device and not the CPU only)
-    "pytorch": (False, ALL_RULES, FOLD, CHANNELS_LAST, False, False),
-    "pytorch_channels_last": (False, ALL_RULES, FOLD, CHANNELS_LAST, True, False),
-    "ours_conv_bn": (True, _conv_bn_only, _no_fold, _nchw, False, False),
-    "ours_no_fold": (True, ALL_RULES, _no_fold, _nchw, False, False),
-    "ours_nchw": (True, ALL_RULES, FOLD, _nchw, False, False),
-    "ours": (True, ALL_RULES, FOLD, CHANNELS_LAST, False, False),
-    # not in the default list: on a GPU, the fold alone and the fold with channels-last convolutions
-    # (on the CPU the same as ours_nchw and ours)
-    "ours_nchw_any_device": (True, ALL_RULES, FOLD, _nchw, False, True),
-    "ours_any_device": (True, ALL_RULES, FOLD, CHANNELS_LAST, False, True),
+    #               model and data in channels-last)
+    "pytorch": (False, ALL_RULES, FOLD, CHANNELS_LAST, False),
+    "pytorch_channels_last": (False, ALL_RULES, FOLD, CHANNELS_LAST, True),
+    "ours_conv_bn": (True, _conv_bn_only, _no_fold, _nchw, False),
+    "ours_no_fold": (True, ALL_RULES, _no_fold, _nchw, False),
+    "ours_nchw": (True, ALL_RULES, FOLD, _nchw, False),
+    "ours": (True, ALL_RULES, FOLD, CHANNELS_LAST, False),
 }
-CPU_ONLY = (_second_order.FOLD_DEVICES, _second_order.LAYOUT_DEVICES)
 
 
 def _timed(fn, device) -> tuple[float, object]:
@@ -91,7 +85,7 @@ def main() -> None:
     ap.add_argument("--model", default="cnn", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--sets", nargs="+", default=list(SETS)[:6], choices=list(SETS))
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     sets = {name: SETS[name] for name in SETS if name in args.sets}
@@ -107,10 +101,8 @@ def main() -> None:
     v = [torch.randn_like(p) for p in params]
     rows = {name: {"product_s": [], "fresh_s": [], "estimate_s": [], "eigenvalue": None} for name in sets}
     for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-        for name, (rules, rule, fold, layout, whole_model, any_device) in sets.items():
+        for name, (rules, rule, fold, layout, whole_model) in sets.items():
             _second_order._rule, _second_order._folded, _second_order._channels_last = rule, fold, layout
-            if any_device:
-                _second_order.FOLD_DEVICES = _second_order.LAYOUT_DEVICES = ("cpu", "cuda")
             fmt = torch.channels_last if whole_model else torch.contiguous_format
             model.to(memory_format=fmt)  # the same parameter objects, converted in place
             x = x.contiguous(memory_format=fmt)
@@ -133,7 +125,6 @@ def main() -> None:
             finally:
                 _second_order._rule, _second_order._folded = ALL_RULES, FOLD
                 _second_order._channels_last = CHANNELS_LAST
-                _second_order.FOLD_DEVICES, _second_order.LAYOUT_DEVICES = CPU_ONLY
             rows[name]["product_s"].append(product / 3)
             rows[name]["fresh_s"].append(fresh)
             rows[name]["estimate_s"].append(estimate)

@@ -9,9 +9,8 @@
 #   5. demo: the embedded default (`scaling-abs train`, no settings) on the GPU
 #   rules_ab (not in the default): bench_rules_ab.py, the second-order rule sets side by side in one
 #      process (ResNet-18 at 128 and 1024 images, the small CNN at 512)
-#   any_device (not in the default): BatchNorm folding and channels-last convolutions, CPU-only by
-#      default, measured on the GPU (rule sets, GPU tests, c1 preset and demo with and without,
-#      channels-last training steps)
+#   fold_layout (not in the default): BatchNorm folding and channels-last convolutions in our rules
+#      on the GPU, with and without (rule sets, c1 preset and demo), and channels-last training steps
 # STAGES picks some (default: tests accuracy bench_c1 train bench_small bench_c1_1024 demo),
 # PRECISIONS the training runs' (default: no bf16), ACC_MODELS the accuracy stage's models (default:
 # c1 vit_tiny cnn), C1_MEASUREMENTS, SMALL_MEASUREMENTS and C1_1024_MEASUREMENTS the bench stages'
@@ -134,44 +133,38 @@ for mb in "c1 128" "c1 1024" "cnn 512"; do
 done
 pack
 fi
-if want any_device; then
-# BatchNorm folding and channels-last convolutions (our rules, fp32) are on for the CPU only; this
-# stage measures them on the GPU: the rule sets side by side, then the GPU tests, the c1 preset
-# (1,024 Hessian samples, kept graphs) and the demo each without and with them, then channels-last
-# training. A python run with them on: $PY -c "$ANY; ..." (they are module settings, read at each call).
-ANY='from scaling_abs import _second_order as s; s.FOLD_DEVICES = s.LAYOUT_DEVICES = ("cpu", "cuda"); import sys'
+if want fold_layout; then
+# BatchNorm folding and channels-last convolutions (our rules, fp32), on the GPU with and without:
+# the rule sets side by side, then the c1 preset (1,024 Hessian samples, kept graphs) and the demo
+# each with both off on CUDA ($OFF: they are module settings, read at each call) and as by default,
+# then channels-last training steps.
+OFF='from scaling_abs import _second_order as s; s.FOLD_DEVICES = s.LAYOUT_DEVICES = ("cpu",); import sys'
 stage "fold and channels-last on CUDA: rule sets side by side"
 for mb in "c1 128 5" "c1 1024 3" "cnn 512 5"; do
   set -- $mb
   $T $PY benchmarks/bench_rules_ab.py --model "$1" --batch "$2" --rounds "$3" \
-    --sets pytorch ours ours_nchw_any_device ours_any_device --out "$R/bench_rules_ab_any_$1_$2.json" 2>&1 \
-    | grep --line-buffered -v -i warning | tee -a "$R/rules_ab_any.log"
+    --sets pytorch ours_no_fold ours_nchw ours --out "$R/bench_rules_ab_fold_layout_$1_$2.json" 2>&1 \
+    | grep --line-buffered -v -i warning | tee -a "$R/rules_ab_fold_layout.log"
   pack
 done
-stage "tests marked gpu, fold and channels-last on CUDA"
-$T $PY -c "$ANY; import pytest; sys.exit(pytest.main(sys.argv[1:]))" -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
-  | tail -15 | tee "$R/tests_gpu_any.log"
-pack
-for tag in base any; do
-  if [ $tag = any ]; then pre="$ANY"; else pre="import sys"; fi
-  stage "c1 preset, fp32, 1,024 samples, kept graphs: $tag"
-  rm -rf /tmp/c1_$tag
-  $T $PY -c "$pre; from scaling_abs.cli import main; sys.exit(main(sys.argv[1:]))" train --config c1 \
-    dataset=fashion_mnist "data_dir=$FMNIST_DIR" "epochs=$EPOCHS" hessian_samples=1024 hessian_reuse_graph=true \
-    output_dir=/tmp/c1_$tag progress=false 2>&1 | grep --line-buffered -v -i warning | tail -12 | tee "$R/train_c1_$tag.log"
-  cp /tmp/c1_$tag/summary.json "$R/train_c1_${tag}_summary.json"
-  grep -v '"kind": "step"' /tmp/c1_$tag/metrics.jsonl > "$R/train_c1_${tag}_checks.jsonl"
-  pack
-done
-for tag in base any; do
-  if [ $tag = any ]; then pre="$ANY"; else pre="import sys"; fi
-  stage "demo: $tag"
-  rm -rf /tmp/demo_$tag
-  $T $PY -c "$pre; from scaling_abs.cli import main; sys.exit(main(sys.argv[1:]))" train "data_dir=$FMNIST_DIR" \
-    output_dir=/tmp/demo_$tag progress=false 2>&1 | grep --line-buffered -v -i warning | tail -12 | tee "$R/demo_$tag.log"
-  cp /tmp/demo_$tag/summary.json "$R/demo_${tag}_summary.json"
-  grep -v '"kind": "step"' /tmp/demo_$tag/metrics.jsonl > "$R/demo_${tag}_checks.jsonl"
-  pack
+for tag in off default; do
+  if [ $tag = off ]; then pre="$OFF"; else pre="import sys"; fi
+  for run in c1 demo; do
+    stage "$run: fold and channels-last $tag"
+    if [ $run = c1 ]; then
+      args="--config c1 dataset=fashion_mnist epochs=$EPOCHS hessian_samples=1024 hessian_reuse_graph=true"
+    else
+      args=""
+    fi
+    rm -rf "/tmp/${run}_$tag"
+    # shellcheck disable=SC2086  # args is a list of settings
+    $T $PY -c "$pre; from scaling_abs.cli import main; sys.exit(main(sys.argv[1:]))" train $args \
+      "data_dir=$FMNIST_DIR" "output_dir=/tmp/${run}_$tag" progress=false 2>&1 \
+      | grep --line-buffered -v -i warning | tail -12 | tee "$R/train_${run}_$tag.log"
+    cp "/tmp/${run}_$tag/summary.json" "$R/train_${run}_${tag}_summary.json"
+    grep -v '"kind": "step"' "/tmp/${run}_$tag/metrics.jsonl" > "$R/train_${run}_${tag}_checks.jsonl"
+    pack
+  done
 done
 stage "channels-last training steps"
 $T $PY benchmarks/bench_train_layout.py --model c1 --batch 128 --rounds 10 --out "$R/bench_train_layout_c1_128.json" 2>&1 \
