@@ -78,7 +78,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": str(device), "torch": torch.__version__, "rows": rows}, indent=2))
+        Path(args.out).write_text(
+            json.dumps({"device": str(device), "torch": torch.__version__, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

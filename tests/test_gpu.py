@@ -100,7 +100,9 @@ def test_checkpointed_resnet18_hvp_equals_the_plain_one(exact_fp32, bn_mode):
     net, x, y = net.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
     assert relu_margin(net, x, bn_mode) > 1e-6  # 2.8e-6 on the CPU
     v = [torch.randn_like(p) for p in net.parameters()]
-    ref = hvp(net, cross_entropy_loss, (x, y), v, method="double_backward", custom_rules=False, bn_mode=bn_mode)
+    ref = hvp(
+        net, cross_entropy_loss, (x, y), v, method="double_backward", custom_rules=False, bn_mode=bn_mode
+    )
     for rules in (False, True):
         got = hvp(net, cross_entropy_loss, (x, y), v, checkpoint=True, custom_rules=rules, bn_mode=bn_mode)
         assert rel(got, ref) < 1e-5, rules
