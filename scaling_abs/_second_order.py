@@ -10,11 +10,11 @@ gradient ``g`` (``dx = A(g, W)``, ``dW = B(g, x)``), each with its own backward 
 training itself uses (a forward convolution and one output of ``convolution_backward``), and
 eval-mode BatchNorm is the per-channel affine map it is, ``x * s + t`` with
 ``s = w / sqrt(var + eps)``, ``t = b - mean * s`` (written as a multiply and an add: ``addcmul``'s
-backward keeps a full-size copy of ``x`` in a second-order graph); on the CPU, where it reads a
-convolution's untouched output, it is folded into that convolution instead (``conv(x, W * s) + t``:
-the scale on the small weight, not on the feature map; :func:`_folded`), and 2-d convolutions run
-in the channels-last memory format there (:func:`_channels_last`; ReLU, BatchNorm and our max pooling
-keep it). The values and both derivatives
+backward keeps a full-size copy of ``x`` in a second-order graph); on the CPU and CUDA in fp32 or
+fp64 (:data:`FOLD_DEVICES`), where it reads a convolution's untouched output, it is folded into that
+convolution instead (``conv(x, W * s) + t``: the scale on the small weight, not on the feature map;
+:func:`_folded`), and 2-d convolutions run in the channels-last memory format there
+(:func:`_channels_last`, :data:`LAYOUT_DEVICES`; ReLU, BatchNorm and our max pooling keep it). The values and both derivatives
 are the same functions, so the HVP is the same up to rounding (tests: dense fp64 Hessians to 1e-10,
 ResNet-18 in fp32 to 1e-5). ReLU and max pooling are piecewise linear, so their backward's
 derivative in the forward input is zero; PyTorch's rules build it as a zeros tensor of the input's
@@ -143,11 +143,12 @@ LAYOUT_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 def _channels_last(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-d convolution's input and weight in the channels-last memory format, where the CPU's
-    convolution kernels measured faster in a second-order graph. Copies where they are not in it already:
-    the small weight at every call, the input once, since the layers after keep
-    the layout. ResNet-18 at 128 images: a kept-graph product 0.91x, a 10-product estimate 0.88x of
-    the NCHW one; the small CNN's product from scratch 0.89x, on a kept graph unchanged (README
-    "Channels-last convolutions")."""
+    and cuDNN's convolution kernels measured faster in a second-order graph. Copies where they are
+    not in it already: the small weight at every call, the input once, since the layers after keep
+    the layout. ResNet-18 at 128 images on the CPU: a kept-graph product 0.91x, a 10-product
+    estimate 0.88x of the NCHW one; the small CNN's product from scratch 0.89x, on a kept graph
+    unchanged (README "Channels-last convolutions"); at 1,024 images on an H100 the folded
+    estimate 0.79x (README "Folding and channels-last on CUDA too")."""
     return _nhwc(x), _nhwc(w)
 
 
