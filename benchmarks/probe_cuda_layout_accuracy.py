@@ -1,8 +1,11 @@
-"""How far ResNet-18's fp32 HVP (train-mode BatchNorm, 256 images, TF32 off) is from fp64 with our
-second-order rules' convolutions in NCHW and in channels-last, checkpointed or not, with cuDNN free
-to pick its algorithms and deterministic: the probe behind a failed ``tests/test_gpu.py`` check
-(checkpointed against plain, 1.4e-4 apart with channels-last convolutions on CUDA) and the smallest
-|input| of any ReLU (a kink the two fp32 runs may read on opposite sides).
+"""How far ResNet-18's fp32 HVP (``hvp``'s default eval-mode BatchNorm, 256 images, TF32 off) is
+from fp64 with our second-order rules' convolutions in NCHW and in channels-last (BatchNorm folding
+as ``FOLD_DEVICES`` says), checkpointed or not, with cuDNN free to pick its algorithms and
+deterministic: the probe behind a failed ``tests/test_gpu.py`` check (checkpointed against plain,
+1.4e-4 apart with folding and channels-last on CUDA), and the smallest |input| of any ReLU in a
+train-mode and an eval-mode forward (a kink two fp32 runs may read on opposite sides).
+(``gpu_2026-11-27/call2/probe_cuda_layout_accuracy.json`` was written when the margin was read in
+train mode only, as ``relu_margin``.)
 
     python3 benchmarks/probe_cuda_layout_accuracy.py --out probe_cuda_layout_accuracy.json
 """
@@ -31,14 +34,14 @@ def rel(a, b) -> float:
     return float(num / sum((w.double() ** 2).sum() for w in b) ** 0.5)
 
 
-def relu_margin(model: nn.Module, x: torch.Tensor) -> float:
+def relu_margin(model: nn.Module, x: torch.Tensor, bn_mode: str) -> float:
     low: list[float] = []
     hooks = [
         m.register_forward_pre_hook(lambda m, a: low.append(a[0].abs().min().item()))
         for m in model.modules()
         if isinstance(m, nn.ReLU)
     ]
-    with preserved_state(model, "train"), torch.no_grad():
+    with preserved_state(model, bn_mode), torch.no_grad():
         model(x)
     for h in hooks:
         h.remove()
@@ -61,7 +64,8 @@ def main() -> None:
         y = torch.randint(0, 10, (args.batch,), device=device)
         v = [torch.randn_like(p) for p in model.parameters()]
         ref = hvp(copy.deepcopy(model).double(), cross_entropy_loss, (x.double(), y), [t.double() for t in v])
-        row = {"seed": seed, "relu_margin": relu_margin(model, x)}
+        row = {"seed": seed, "relu_margin": relu_margin(model, x, "train")}
+        row["relu_margin_eval"] = relu_margin(model, x, "eval")
         for layout in ("nchw", "channels_last"):
             _second_order.LAYOUT_DEVICES = ("cpu", "cuda") if layout == "channels_last" else ("cpu",)
             for deterministic in (False, True):
