@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scaling_abs import _second_order, curvature, distributed
+from scaling_abs import _malloc, _second_order, curvature, distributed
 from scaling_abs.adversarial import mix_adversarial
 from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan
 from scaling_abs.config import TrainConfig, dump_config, validate
@@ -211,6 +211,7 @@ class Trainer:
         self.accelerator = _build_accelerator(cfg, self.plan)
         acc = self.accelerator
         assert acc.num_processes == world, f"Accelerate sees {acc.num_processes} processes, env says {world}"
+        self.malloc_tuned = cfg.cpu_malloc and acc.device.type == "cpu" and _malloc.tune()
         torch.manual_seed(cfg.seed)
 
         self.data, self.model = build_data_and_model(cfg)
@@ -716,6 +717,7 @@ class Trainer:
             "deepspeed_zero_stage": self.engine.zero_optimization_stage()
             if self.engine is not None
             else None,
+            "cpu_malloc_tuned": self.malloc_tuned,
             "strategy": self.cfg.strategy,
             "model": self.cfg.model,
             "dataset": self.cfg.dataset,
