@@ -410,9 +410,21 @@ def main() -> None:
         help="CPU: glibc maps every block >= 64 KiB on its own, so the peak RSS follows the live tensors "
         "(timings slower: measure time without it)",
     )
+    ap.add_argument(
+        "--cpu-malloc",
+        action="store_true",
+        help="glibc set as training sets it on the CPU (cpu_malloc=true: large blocks reused, not "
+        "mapped afresh), in every measurement alike",
+    )
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MEASUREMENT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.exact_memory and args.cpu_malloc:
+        ap.error("--exact-memory and --cpu-malloc set glibc two ways: pick one")
     if args.child:
+        if args.cpu_malloc:
+            from scaling_abs import _malloc
+
+            _malloc.tune()
         print(json.dumps(child(*args.child, args.runs, args.batch)))
         return
     # glibc keeps freed blocks below a moving threshold in the heap, so the peak RSS reads the
@@ -427,7 +439,8 @@ def main() -> None:
             try:
                 proc = subprocess.run(
                     [sys.executable, __file__, "--child", name, what, "--runs", str(args.runs)]
-                    + ["--batch", str(args.batch)],
+                    + ["--batch", str(args.batch)]
+                    + (["--cpu-malloc"] if args.cpu_malloc else []),
                     capture_output=True,
                     text=True,
                     timeout=args.child_timeout,
@@ -469,6 +482,7 @@ def main() -> None:
         "batch": args.batch or "each model's own",
         "iterations": ITERS,
         "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
+        "cpu_malloc": args.cpu_malloc,
     }
     device = "cuda" if meta["cuda"] else "cpu"
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"bench_hvp_{device}.json")

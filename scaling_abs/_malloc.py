@@ -5,10 +5,10 @@ PyTorch's CPU tensors come straight from ``malloc``. glibc serves a block above 
 freed, and it returns the top of its heap to the system once more than a threshold is free there.
 Either way, the next tensor of that size is faulted in again page by page. Training and curvature
 checks free and allocate the same large tensors at every step: the small CNN's 10-product
-estimate at 512 images made 114,000-266,000 minor page faults (up to 1 GB of fresh pages), and
-its ops that wrote a 25 MiB output took 16-22 ms each against 1.3 ms on reused memory; with this
-setting the embedded default's checks took 0.73x the time (README "The CPU's memory allocator",
-``benchmarks/probe_malloc_faults.py``).
+estimate at 512 images made 210,000-280,000 minor page faults and took 0.75-0.84 s, against 7-37,000
+faults and 0.52-0.56 s with this setting; an op writing a 25 MiB output took 6.2-7.4 ms on fresh
+pages against 0.3-0.9 ms on reused memory (``benchmarks/probe_malloc_faults.py``). The embedded
+default's checks took 0.73x the time (README "The CPU's memory allocator").
 
 :func:`tune` turns both off for the rest of the process: no mappings for large blocks (all come
 from the heap, where freed blocks are reused) and no trimming. The price is that memory freed
