@@ -14,8 +14,8 @@ backward keeps a full-size copy of ``x`` in a second-order graph); on the CPU an
 fp64 (:data:`FOLD_DEVICES`), where it reads a convolution's untouched output, it is folded into that
 convolution instead (``conv(x, W * s) + t``: the scale on the small weight, not on the feature map;
 :func:`_folded`), and 2-d convolutions run in the channels-last memory format there
-(:func:`_channels_last`, :data:`LAYOUT_DEVICES`; ReLU, BatchNorm and our max pooling keep it). The values and both derivatives
-are the same functions, so the HVP is the same up to rounding (tests: dense fp64 Hessians to 1e-10,
+(:func:`_channels_last`, :data:`LAYOUT_DEVICES`; ReLU, BatchNorm and our max pooling keep it). The
+values and both derivatives are the same functions, so the HVP is the same up to rounding (tests: dense fp64 Hessians to 1e-10,
 ResNet-18 in fp32 to 1e-5). ReLU and max pooling are piecewise linear, so their backward's
 derivative in the forward input is zero; PyTorch's rules build it as a zeros tensor of the input's
 size and carry it back through the forward graph below (a profile of the small CNN's product at 512
@@ -136,7 +136,7 @@ _FOLDABLE = "_scaling_abs_conv"
 # (:func:`_folded`) and run 2-d convolutions channels-last (:func:`_channels_last`). Both measured
 # faster on the CPU and, for ResNet-18 from 512 images, on CUDA: a 10-product estimate 0.77x at 512
 # images (H200) and 0.66x at 1,024 (H100); at 128-256 images and on the small CNN within the runs'
-# spread (README "On an H100"). ``benchmarks/bench_rules_ab.py`` sets them to measure either way.
+# spread (README "Folding and channels-last on CUDA too"). ``benchmarks/bench_rules_ab.py`` sets them to measure either way.
 FOLD_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 LAYOUT_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
