@@ -1,8 +1,9 @@
 """Second-order rule sets side by side in one process: PyTorch's rules (and PyTorch's with the
 model and data in the channels-last memory format), ours for convolutions and eval-mode BatchNorm
 only, ours with ReLU and max pooling too, with eval-mode BatchNorm folded into the convolution
-before it, and (the default) with 2-d convolutions in the channels-last memory format as well. Each set adds one thing to the one before it. Rounds alternate between the sets, so
-a machine whose speed drifts between processes (this 2-core one: 10-40 % from one run of
+before it, and (the default) with 2-d convolutions in the channels-last memory format as well.
+Each set adds one thing to the one before it. Rounds alternate between the sets, so a machine whose
+speed drifts between processes (this 2-core one: 10-40 % from one run of
 ``bench_hvp.py`` to the next) moves all of them alike.
 
     .venv/bin/python benchmarks/bench_rules_ab.py --model cnn --batch 512 --rounds 8 \

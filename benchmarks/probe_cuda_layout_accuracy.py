@@ -19,33 +19,15 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scaling_abs import _second_order  # noqa: E402
-from scaling_abs.curvature import cross_entropy_loss, hvp, preserved_state  # noqa: E402
+from scaling_abs.curvature import cross_entropy_loss, hvp  # noqa: E402
 from scaling_abs.models import build_model  # noqa: E402
-
-
-def rel(a, b) -> float:
-    num = sum(((u.double() - w.double()) ** 2).sum() for u, w in zip(a, b)) ** 0.5
-    return float(num / sum((w.double() ** 2).sum() for w in b) ** 0.5)
-
-
-def relu_margin(model: nn.Module, x: torch.Tensor, bn_mode: str) -> float:
-    low: list[float] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda m, a: low.append(a[0].abs().min().item()))
-        for m in model.modules()
-        if isinstance(m, nn.ReLU)
-    ]
-    with preserved_state(model, bn_mode), torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return min(low)
+from tests.test_gpu import rel  # noqa: E402  (the GPU tests' relative distance and ReLU margin)
+from tests.test_segmented import relu_margin  # noqa: E402
 
 
 def main() -> None:
