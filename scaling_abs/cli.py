@@ -1,10 +1,15 @@
-"""The ``scaling-abs`` command: parse, build, run, close.
+"""The scaling-abs command: parse, build, run, close.
 
   scaling-abs train [--config FILE_OR_PRESET] [key=value ...]   (also: accelerate launch -m scaling_abs train)
-  scaling-abs simulate [preset=imagenet_i3 | run_dir=DIR] [--json]
+  scaling-abs train --help-keys                                  every key with its default and meaning
+  scaling-abs simulate [preset=imagenet_i3 | run_dir=DIR] [processes=512] [latency_us=2]
+                       [bandwidth_gbps=6] [num_params=N] [--json]
   scaling-abs report RUN_DIR... [--out DIR]
-  scaling-abs convex [--iterations 1000] [--classes 7 9] [--out DIR]
-  scaling-abs compare [--config fmnist_s1] [--sizes 128 ... 32768] [--strategies ...] [--out DIR]
+  scaling-abs compare [--config fmnist_s1] [--sizes 128 ... 32768] [--strategies ...] [--out DIR] ...
+  scaling-abs convex [--classes 1 9] [--iterations 1000] [--out DIR] ...
+
+scaling-abs COMMAND --help tells more. With no command (or only key=value settings) it trains:
+scaling-abs alone runs the embedded default.
 
 A mistake the user can make (config, paths, data) prints one line on stderr and exits with 2;
 anything else is a bug and keeps its traceback.

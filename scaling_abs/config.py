@@ -112,7 +112,7 @@ class TrainConfig:
         " every large tensor; freed memory stays with the process)",
     )
     deepspeed: str = _f("", "path to a DeepSpeed JSON config (ds_configs/zero2.json); empty = off")
-    seed: int = _f(0, "seed of the model init, data order and curvature probes")
+    seed: int = _f(0, "seed of the model init, data order and curvature probes (in [0, 2**32))")
     output_dir: str = _f("runs/default", "where metrics, checkpoints and the final model go")
     resume: str = _f("", "auto (newest checkpoint in output_dir) | a checkpoint folder | empty = fresh")
     checkpoint_every: int = _f(0, "optimizer steps between checkpoints (0 = at every epoch end)")
@@ -147,14 +147,25 @@ _TYPES = typing.get_type_hints(TrainConfig)
 _BOOL_WORDS = {"mixed_precision": ("no", "true"), "hessian_precision": ("no", "true")}
 
 
+def _number(value: Any) -> Any:
+    """A number written as text becomes one: YAML 1.1 reads ``1e-3`` (no dot) as a string."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
     kind = _TYPES[key]
     if isinstance(kind, types.GenericAlias) or kind is list:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
         if value is None or value == "":
             return []
+        value = [_number(v) for v in value] if isinstance(value, list) else _number(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
         if not isinstance(value, list) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         ):
@@ -167,10 +178,17 @@ def _coerce(key: str, value: Any) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        value = _number(value)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value != int(value)
+        ):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if kind is float:
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -191,18 +209,24 @@ def list_presets() -> list[str]:
 
 def _read_yaml(source: str) -> dict[str, Any]:
     path = Path(source)
-    if not path.exists() and (PRESET_DIR / f"{source}.yaml").exists():
-        path = PRESET_DIR / f"{source}.yaml"
-    if not path.exists():
-        raise ConfigError(
-            f"config: no file or preset named {source!r} (presets: {', '.join(list_presets())})"
-        )
+    if not path.is_file() and (PRESET_DIR / f"{source}.yaml").exists():
+        path = PRESET_DIR / f"{source}.yaml"  # a folder named like a preset does not hide it
+    if not path.is_file():
+        what = "is a folder, not a file," if path.is_dir() else "names no file"
+        raise ConfigError(f"config: {source!r} {what} and no preset (presets: {', '.join(list_presets())})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: cannot read {path} as UTF-8 text ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of key: value")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"config: {path}: {key!r} is not a key name (see `scaling-abs train --help-keys`)"
+            )
     return data
 
 
@@ -241,6 +265,23 @@ def load_config(
     return cfg
 
 
+def output_dir_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be (made) a folder for a run's output, or None: an existing file there or
+    in its way. Checked before any work, so a typo does not cost a run (a permission problem still
+    shows when the folder is made)."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if p.is_dir():
+                return None
+            return f"{p} is a file, not a folder" + ("" if p == Path(path) else f" (on the way to {path})")
+    return None
+
+
+def _is_count(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes superscripts, which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {problem}")
@@ -248,7 +289,8 @@ def _check(ok: bool, key: str, problem: str) -> None:
 
 def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     """Check values and their consistency; raise ConfigError naming the key. No file system access
-    except for ``deepspeed`` and an explicit ``data_dir`` (both must exist)."""
+    except for ``deepspeed`` and an explicit ``data_dir`` (both must exist), ``resume`` (a folder)
+    and ``output_dir`` (a folder, or creatable as one)."""
     from scaling_abs import models  # registry names; cheap import
     from scaling_abs.curvature import SOLVERS
     from scaling_abs.data import DATASETS
@@ -335,7 +377,7 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     )
     block = cfg.hessian_block
     _check(
-        block == "all" or (block.startswith("last:") and block[5:].isdigit() and int(block[5:]) > 0),
+        block == "all" or (block.startswith("last:") and _is_count(block[5:]) and int(block[5:]) > 0),
         "hessian_block",
         f"expected all or last:N with N > 0, got {block!r}",
     )
@@ -372,7 +414,14 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
     _check(cfg.eval_every > 0, "eval_every", f"must be > 0, got {cfg.eval_every}")
     _check(cfg.num_workers >= 0, "num_workers", "must be >= 0")
+    _check(
+        0 <= cfg.seed < 2**32,
+        "seed",
+        f"must be in [0, 2**32) (NumPy's and most seeders' range), got {cfg.seed}",
+    )
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
+    problem = output_dir_problem(cfg.output_dir)
+    _check(problem is None, "output_dir", problem or "")
     if cfg.deepspeed:
         _check(os.path.isfile(cfg.deepspeed), "deepspeed", f"no such DeepSpeed config file: {cfg.deepspeed}")
     if cfg.data_dir:
@@ -391,11 +440,12 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
 
 def help_keys() -> str:
     """One line per key: name, default, help (for `scaling-abs train --help-keys`)."""
-    lines = []
+    rows = []
     for name, f in FIELDS.items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {name:20s} {str(default):16s} {f.metadata['help']}")
-    return "\n".join(lines)
+        rows.append((name, '""' if default == "" else str(default), f.metadata["help"]))
+    name_w, default_w = (max(len(r[i]) for r in rows) for i in (0, 1))
+    return "\n".join(f"  {n:{name_w}s}  {d:{default_w}s}  {h}" for n, d, h in rows)
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -84,7 +84,8 @@ def resolve_block(model: nn.Module, spec: str) -> list[nn.Parameter]:
     """``"all"`` (every trainable parameter) or ``"last:N"`` (see :func:`last_layers`)."""
     if spec == "all":
         return [p for p in model.parameters() if p.requires_grad]
-    if spec.startswith("last:") and spec[5:].isdigit() and int(spec[5:]) > 0:
+    count = spec[5:]
+    if spec.startswith("last:") and count.isascii() and count.isdigit() and int(count) > 0:
         return last_layers(model, int(spec[5:]))
     raise ValueError(f"hessian_block: expected all or last:N, got {spec!r}")
 

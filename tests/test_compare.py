@@ -34,7 +34,7 @@ def test_dry_run_prints_one_train_command_per_run(capsys):
 @pytest.mark.parametrize(
     "args, key",
     [(["strategy=bl"], "strategy"), (["--sizes", "100"], "--sizes"), (["--jobs", "0"], "--jobs"),
-     (["lr=-1"], "lr")],
+     (["lr=-1"], "lr"), (["--out", __file__], "--out")],
 )  # fmt: skip
 def test_user_errors_are_one_line_exit_2(args, key, capsys):
     assert cli_main(["compare", "--dry-run", *args]) == 2

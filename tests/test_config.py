@@ -168,3 +168,56 @@ def test_string_overrides_read_like_yaml_but_keep_numbers_as_typed():
     assert (cfg.resume, cfg.output_dir, cfg.mixed_precision) == ("", "010", "no")
     with pytest.raises(ConfigError, match="mixed_precision.*'true'"):
         load_config(None, ["mixed_precision=yes"])
+
+
+def test_numbers_in_scientific_notation(tmp_path):
+    # YAML 1.1 reads 1e-3 (no dot) as a string; users write it that way on the command line and in files
+    cfg = load_config(None, ["lr=1e-3", "weight_decay=5E-4", "batch_size=1e2", "lr_decay_epochs=[2e0, 3]"])
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size) == (1e-3, 5e-4, 100)
+    assert cfg.lr_decay_epochs == [2.0, 3.0]
+    path = tmp_path / "run.yaml"
+    path.write_text("weight_decay: 5e-4\nhessian_tol: 1e-3\n")
+    assert (load_config(str(path)).weight_decay, load_config(str(path)).hessian_tol) == (5e-4, 1e-3)
+    with pytest.raises(ConfigError, match="^batch_size: expected an integer"):
+        load_config(None, ["batch_size=1e-3"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("batch_size=.inf", "batch_size"),
+        ("seed=.nan", "seed"),
+        ("seed=-1", "seed"),
+        (f"seed={2**64}", "seed"),
+        ("hessian_block=last:\u00b2", "hessian_block"),  # a superscript 2: isdigit() says yes, int() no
+    ],
+)
+def test_values_that_used_to_raise_deep_inside(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        load_config(None, [override])
+
+
+def test_output_dir_must_be_a_folder_or_creatable(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for bad in (afile, afile / "sub"):
+        with pytest.raises(ConfigError, match=r"^output_dir: .*afile is a file"):
+            load_config(None, [f"output_dir={bad}"])
+    assert load_config(None, [f"output_dir={tmp_path / 'new' / 'run'}"]).output_dir.endswith("run")
+
+
+def test_config_paths_that_are_not_yaml_files(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(str(tmp_path))
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("lr: 0.1  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_config(str(binary))
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("1: 2\nlr: 0.1\n")
+    with pytest.raises(ConfigError, match="1 is not a key name"):
+        load_config(str(mixed))
+    # a folder named like a preset in the working directory does not hide the preset
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c1").mkdir()
+    assert load_config("c1").model == "c1"

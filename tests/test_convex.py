@@ -86,9 +86,16 @@ def test_table_reports_iterations_to_sgds_final_loss():
 @pytest.mark.parametrize(
     "args, key",
     [(["--iterations", "0"], "--iterations"), (["--lr", "-1"], "--lr"), (["--classes", "3", "3"], "classes"),
-     (["--data-dir", "/no/such/dir"], "--data-dir")],
+     (["--data-dir", "/no/such/dir"], "--data-dir"), (["--seed", "-1"], "--seed")],
 )  # fmt: skip
 def test_user_errors_are_one_line_exit_2(args, key, capsys):
     assert cli_main(["convex", *args, "--out", "/tmp/unused-convex"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and key in err
+
+
+def test_a_bad_out_is_refused_before_the_run(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli_main(["convex", "--iterations", "1000000", "--out", str(afile / "sub")]) == 2
+    assert "afile is a file" in capsys.readouterr().err
