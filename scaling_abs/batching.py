@@ -54,6 +54,26 @@ def make_plan(global_batch: int, micro_batch_size: int, world_size: int = 1) -> 
     return Plan(global_batch, per_rank // accumulation, accumulation, world_size)
 
 
+def small_micro_batches(plan: Plan, micro_batch_size: int) -> str | None:
+    """A warning when equal micro-batches forced a split far finer than ``micro_batch_size`` allows
+    (a share with no divisor near it: 127 -> 127 micro-batches of 1), else None.
+
+    >>> small_micro_batches(make_plan(127, 64), 64)[:58]
+    'batch 127 runs as 127 micro-batches of 1 on each process: '
+    >>> small_micro_batches(make_plan(640, 512), 512) is None
+    True
+    """
+    per_rank = plan.micro * plan.accumulation
+    if plan.micro * 4 > min(per_rank, micro_batch_size):
+        return None
+    return (
+        f"batch {plan.global_batch} runs as {plan.accumulation} micro-batches of {plan.micro} on each "
+        f"process: micro-batches are equal (every sample weighs the same) and {per_rank} has no divisor "
+        f"near micro_batch_size={micro_batch_size}; a batch size with one (a multiple of a power of 2) "
+        "runs much faster"
+    )
+
+
 class SampleOrder:
     """The training order: epoch ``e`` is ``randperm(num_samples)`` from a generator seeded with
     ``seed + e``; the stream of all epochs is read by absolute sample position.

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from scaling_abs.config import output_dir_problem
 from scaling_abs.errors import UserError
 
 
@@ -33,6 +35,25 @@ class Run:
         return f"{self.config.get('strategy', '?').upper()} (B_max {self.config.get('max_batch_size', '?')})"
 
 
+def read_records(metrics: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``; a damaged line (a run killed mid-write) is skipped
+    with a warning."""
+    records, damaged = [], 0
+    for line in metrics.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            damaged += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    if damaged:
+        warnings.warn(f"{metrics}: skipped {damaged} damaged line(s) (a run killed mid-write?)", stacklevel=2)
+    return records
+
+
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not (path / "summary.json").exists():
@@ -41,10 +62,8 @@ def load_run(path: str | Path) -> Run:
     run = Run(path, config or {}, json.loads((path / "summary.json").read_text()))
     metrics = path / "metrics.jsonl"
     if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                {"step": run.steps, "check": run.checks, "eval": run.evals}.get(r.get("kind"), []).append(r)
+        for r in read_records(metrics):
+            {"step": run.steps, "check": run.checks, "eval": run.evals}.get(r.get("kind"), []).append(r)
     return run
 
 
@@ -173,8 +192,11 @@ def main(argv: list[str]) -> int:
     dirs, out = args.dirs, args.out
     if not dirs:
         raise UserError("report: give one or more run folders")
-    runs = [load_run(d) for d in dirs]
     out = out or Path(dirs[0]).parent / "report"
+    problem = output_dir_problem(out)
+    if problem:
+        raise UserError(f"--out: {problem}")
+    runs = [load_run(d) for d in dirs]
     out.mkdir(parents=True, exist_ok=True)
     text = "## Runs\n\n" + summary_table(runs) + "\n\n## Paper layout\n\n" + comparison_table(runs) + "\n"
     (out / "report.md").write_text(text)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from scaling_abs.errors import UserError
+from scaling_abs.report import read_records
 
 IMAGENET_TRAIN = 1_281_167
 RESNET18_PARAMS = 11_689_512
@@ -112,11 +113,14 @@ def discrepancies() -> list[str]:
     ]
 
 
+_KEYS = ("preset", "run_dir", "processes", "latency_us", "bandwidth_gbps", "num_params")
+
+
 def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
     metrics, summary = run_dir / "metrics.jsonl", run_dir / "summary.json"
     if not metrics.exists() or not summary.exists():
         raise UserError(f"run_dir: {run_dir} has no metrics.jsonl and summary.json (is it a finished run?)")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_records(metrics)
     return records, json.loads(summary.read_text())
 
 
@@ -140,6 +144,8 @@ def simulate_from_run(
     checks = [r for r in records if r["kind"] == "check"]
     if not steps:
         raise UserError(f"run_dir: {run_dir} has no optimizer steps in metrics.jsonl")
+    if num_params is not None and num_params <= 0:
+        raise UserError(f"num_params: must be > 0, got {num_params}")
     n_params = num_params or int(summary.get("num_params", 0))
     if n_params <= 0:
         raise UserError("num_params: not in summary.json; pass num_params=")
@@ -201,15 +207,11 @@ def main(argv: list[str]) -> int:
     for item in (a for a in argv if a != "--json"):
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(
-                f"{item}: expected key=value (preset=, run_dir=, processes=, latency_us=, bandwidth_gbps=)"
-            )
+            raise UserError(f"{item}: expected key=value ({', '.join(k + '=' for k in _KEYS)})")
         opts[key] = value
-    unknown = set(opts) - {"preset", "run_dir", "processes", "latency_us", "bandwidth_gbps", "num_params"}
+    unknown = set(opts) - set(_KEYS)
     if unknown:
-        raise UserError(
-            f"{sorted(unknown)[0]}: unknown key (preset, run_dir, processes, latency_us, bandwidth_gbps)"
-        )
+        raise UserError(f"{sorted(unknown)[0]}: unknown key ({', '.join(_KEYS)})")
     try:
         processes = int(opts.get("processes", "512"))
         latency = float(opts.get("latency_us", "2")) * 1e-6

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from scaling_abs import _malloc, _second_order, curvature, distributed
 from scaling_abs.adversarial import mix_adversarial
-from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan
+from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan, small_micro_batches
 from scaling_abs.config import TrainConfig, dump_config, validate
 from scaling_abs.data import DataBundle, build_dataset, collate_batch
 from scaling_abs.errors import UserError
@@ -141,6 +141,8 @@ def _deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
         ds = json.loads(Path(cfg.deepspeed).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"deepspeed: cannot read {cfg.deepspeed}: {e}") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"deepspeed: {cfg.deepspeed} must hold a JSON object of DeepSpeed settings")
     fill = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro,
@@ -305,11 +307,19 @@ class Trainer:
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
             # A resumed run replays the steps after its checkpoint: drop their old records.
-            keep = [
-                line
-                for line in metrics.read_text().splitlines()
-                if line and json.loads(line).get("samples", 0) <= self.state.samples
-            ]
+            keep, damaged = [], 0
+            for line in metrics.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short when the run was killed mid-write
+                    damaged += bool(line.strip())
+                    continue
+                if isinstance(record, dict) and record.get("samples", 0) <= self.state.samples:
+                    keep.append(line)
+            if damaged:
+                warnings.warn(
+                    f"{metrics}: dropped {damaged} damaged line(s) (a run killed mid-write?)", stacklevel=2
+                )
             metrics.write_text("".join(line + "\n" for line in keep))
         self._metrics = open(self.out / "metrics.jsonl", "a")
         if self.cfg.tensorboard:
@@ -375,6 +385,9 @@ class Trainer:
         return float(mean)
 
     def _set_plan(self, plan: Plan) -> None:
+        slow = small_micro_batches(plan, self.cfg.micro_batch_size)
+        if slow:  # once per plan: this runs when the plan changes (and at the start)
+            warnings.warn(slow, stacklevel=2)
         if self.engine is not None and plan.global_batch != self.engine.train_batch_size():
             # Only at an optimizer-step boundary (DESIGN pitfalls); moves DeepSpeed's accumulation count.
             self.engine.set_train_batch_size(plan.global_batch)
@@ -591,7 +604,18 @@ class Trainer:
                 f"resume: {path} was written by an older scaling_abs (no {CURVATURE_STATE_FILE}); "
                 "finish that run with the version that started it, or start afresh"
             )
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except (RuntimeError, ValueError, KeyError) as e:
+            # PyTorch's "Error(s) in loading state_dict" (other layers or shapes), the optimizer's
+            # "doesn't match the size of optimizer's group" (other parameters): another model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "state_dict" not in first and "optimizer" not in first and "parameter group" not in first:
+                raise
+            raise UserError(
+                f"resume: {path} does not fit this run's model or optimizer (was it written with "
+                f"another model or settings?): {first}"
+            ) from None
         return path
 
     # -- the run -------------------------------------------------------------------------------
@@ -785,7 +809,27 @@ def build_data_and_model(cfg: TrainConfig) -> tuple[DataBundle, torch.nn.Module]
         mean=data.mean,
         std=data.std,
     )
+    _check_input_fits(model, cfg, data)
     return data, model
+
+
+def _check_input_fits(model: torch.nn.Module, cfg: TrainConfig, data: DataBundle) -> None:
+    """One zero image through the new model (eval mode, no gradient), so that a model too deep for
+    the data set's images (AlexNet on 28x28 Fashion-MNIST) says so now, in one line, not at the
+    first training step."""
+    was_training = model.training
+    x = torch.zeros(1, data.in_channels, data.image_size, data.image_size)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(
+            f"model: {cfg.model} does not take {cfg.dataset}'s {data.in_channels}x{data.image_size}x"
+            f"{data.image_size} images ({first})"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def hessian_draw(

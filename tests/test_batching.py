@@ -65,3 +65,14 @@ def test_stream_position_makes_growth_and_resume_consistent():
     # 3 steps at 8 then growth to 16: the next step reads positions 24..40
     it = iter(MicroBatchSampler(order, make_plan(16, 16, 1), start=24))
     assert next(it) == order.indices(24, 16)
+
+
+def test_a_batch_without_a_divisor_near_the_micro_batch_warns():
+    from scaling_abs.batching import small_micro_batches
+
+    assert make_plan(127, 64) == Plan(127, 1, 127, 1)  # equal micro-batches: 127 is prime
+    message = small_micro_batches(make_plan(127, 64), 64)
+    assert "127 micro-batches of 1" in message and "micro_batch_size=64" in message
+    assert small_micro_batches(make_plan(1031 * 4, 512, 4), 512) is not None  # 1031 a process, prime
+    for batch, micro, world in ((128, 64, 1), (640, 512, 1), (96, 512, 2), (3, 64, 1)):
+        assert small_micro_batches(make_plan(batch, micro, world), micro) is None

@@ -71,3 +71,15 @@ def test_errors(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_out_must_be_a_folder_and_damaged_metrics_lines_are_skipped(tmp_path):
+    run = fake_run(tmp_path, "a", "bl", 128, 128, 0.9, 100)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(UserError, match="^--out: .*afile is a file"):
+        main([str(run), "--out", str(afile)])
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "st')  # a run killed mid-write
+    with pytest.warns(UserWarning, match="skipped 1 damaged line"):
+        assert len(load_run(run).steps) == 8

@@ -56,6 +56,11 @@ def test_cli_json_and_errors(tmp_path, capsys):
         main(["bogus=1"])
     with pytest.raises(UserError, match="run_dir"):
         main([f"run_dir={tmp_path}"])
+    for bad in ("0", "-5"):
+        with pytest.raises(UserError, match="^num_params: must be > 0"):
+            main([f"run_dir={_fake_run(tmp_path)}", f"num_params={bad}"])
+    with pytest.raises(UserError, match="num_params"):  # the unknown-key message lists every key
+        main(["nparams=5"])
     proc = subprocess.run(
         [sys.executable, "-m", "scaling_abs", "simulate", "processes=x"], capture_output=True, text=True
     )

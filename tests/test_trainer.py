@@ -391,6 +391,39 @@ def test_half_written_checkpoints_are_never_picked_up(tmp_path):
     assert [p.name for p in _checkpoints(tmp_path)] == ["step_4"]
 
 
+def test_resume_errors_a_user_can_cause(tmp_path):
+    """Resuming with another model is one clear error; a metrics.jsonl cut short mid-line (a run
+    killed while writing it) is repaired, not a crash."""
+    out = tmp_path / "run"
+    kw = {**BASE, "epochs": 0.125, "checkpoint_every": 1, "output_dir": str(out)}
+    first = train(load_config(None, kw))
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "st')
+    with pytest.warns(UserWarning, match="dropped 1 damaged line"):
+        again = train(load_config(None, {**kw, "epochs": 0.25, "resume": "auto"}))
+    assert again["updates"] == 2 * first["updates"]
+    assert all(line.endswith("}") for line in (out / "metrics.jsonl").read_text().splitlines())
+    with pytest.raises(UserError, match=r"^resume: .* does not fit this run's model"):
+        train(load_config(None, {**kw, "model": "cnn", "epochs": 0.5, "resume": "auto"}))
+
+
+def test_a_model_too_deep_for_the_images_is_a_user_error():
+    from scaling_abs.trainer import build_data_and_model
+
+    with pytest.raises(UserError, match=r"^model: i2 does not take fashion_mnist's 1x28x28 images"):
+        build_data_and_model(load_config(None, {"model": "i2", "limit_train_samples": 64}))
+
+
+def test_a_deepspeed_file_that_is_not_an_object(tmp_path):
+    from scaling_abs.batching import make_plan
+    from scaling_abs.trainer import _deepspeed_config
+
+    path = tmp_path / "list.json"
+    path.write_text("[]")
+    with pytest.raises(UserError, match="must hold a JSON object"):
+        _deepspeed_config(load_config(None, {"deepspeed": str(path)}), make_plan(128, 128))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
