@@ -247,6 +247,10 @@ class Trainer:
         optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
+        # The module itself, whatever wraps it (DDP, the DeepSpeed engine; in place: Accelerate's
+        # autocast forward). Kept here rather than asking ``unwrap_model`` at every step: that
+        # imports DeepSpeed, whose import warns "Setting accelerator to CPU" in plain CPU runs.
+        self._raw_model = self.model
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.engine = self.model if acc.distributed_type.name == "DEEPSPEED" else None
         if cfg.deepspeed and self.engine is None:
@@ -271,7 +275,8 @@ class Trainer:
     # -- helpers -----------------------------------------------------------------------
     @property
     def raw_model(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The model without DDP's or DeepSpeed's wrapper (what ``accelerator.unwrap_model`` gives)."""
+        return self._raw_model
 
     @property
     def epoch(self) -> float:

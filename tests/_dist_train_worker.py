@@ -14,6 +14,8 @@ overrides, out = json.loads(sys.argv[1]), sys.argv[2]
 trainer = Trainer(load_config(None, overrides))
 try:
     trainer.fit()
+    # the module the trainer keeps is the one under DDP's or DeepSpeed's wrapper
+    assert trainer.raw_model is trainer.accelerator.unwrap_model(trainer.model)
     rank = int(os.environ.get("RANK", "0"))
     weights = {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}
     torch.save(weights, os.path.join(out, f"rank{rank}.pt"))

@@ -407,6 +407,14 @@ def test_resume_errors_a_user_can_cause(tmp_path):
         train(load_config(None, {**kw, "model": "cnn", "epochs": 0.5, "resume": "auto"}))
 
 
+def test_raw_model_is_what_accelerate_unwraps(tmp_path):
+    trainer = Trainer(load_config(None, {**BASE, "output_dir": str(tmp_path / "run")}))
+    try:
+        assert trainer.raw_model is trainer.accelerator.unwrap_model(trainer.model)
+    finally:
+        trainer.close()
+
+
 def test_a_model_too_deep_for_the_images_is_a_user_error():
     from scaling_abs.trainer import build_data_and_model
 
