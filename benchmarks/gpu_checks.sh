@@ -11,6 +11,10 @@
 #      process (ResNet-18 at 128 and 1024 images, the small CNN at 512)
 #   fold_layout (not in the default): BatchNorm folding and channels-last convolutions in our rules
 #      on the GPU, with and without (rule sets, c1 preset and demo), and channels-last training steps
+#   profile_check (not in the default): profile_check.py, a training check's time phase by phase
+#      (Hessian batch fetch, graph builds, products, rest) and its top operators, for the c1 preset
+#      with 1,024 samples and kept graphs, then with the preset's 4,096 (PROFILE_SETTINGS replaces
+#      the settings of both, e.g. to try the stage on a CPU with a fake nvidia-smi)
 # STAGES picks some (default: tests accuracy bench_c1 train bench_small bench_c1_1024 demo),
 # PRECISIONS the training runs' (default: no bf16), ACC_MODELS the accuracy stage's models (default:
 # c1 vit_tiny cnn), C1_MEASUREMENTS, SMALL_MEASUREMENTS and C1_1024_MEASUREMENTS the bench stages'
@@ -170,5 +174,16 @@ stage "channels-last training steps"
 $T $PY benchmarks/bench_train_layout.py --model c1 --batch 128 --rounds 10 --out "$R/bench_train_layout_c1_128.json" 2>&1 \
   | grep --line-buffered -v -i warning | tee "$R/train_layout.log"
 pack
+fi
+if want profile_check; then
+# Where a c1 check's 140-160 ms per power iteration go (4 kept graphs of 256 images, 2026-11-27)
+for samples in 1024 4096; do
+  stage "profile one c1 check, $samples samples"
+  # shellcheck disable=SC2086  # a list of settings
+  $T $PY benchmarks/profile_check.py --config c1 --steps 20 --checks 4 --table 25 \
+    ${PROFILE_SETTINGS:-dataset=fashion_mnist "data_dir=$FMNIST_DIR" hessian_samples=$samples hessian_reuse_graph=true} \
+    2>&1 | grep --line-buffered -v -i warning | tee "$R/profile_check_c1_$samples.txt"
+  pack
+done
 fi
 stage done
