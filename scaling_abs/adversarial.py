@@ -33,9 +33,11 @@ def fgsm(
         inputs: ``(B, ...)`` inputs in ``bounds`` (the paper's eps = 0.005 is for inputs in [0, 1]).
         targets: ``(B,)`` labels.
         eps: step size, >= 0.
+        bounds: the data range ``(low, high)``, ``low < high``; the result is clamped to it.
     """
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    _check_step(eps, bounds)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("fgsm needs the input's gradient: call it outside torch.inference_mode()")
     if eps == 0:
         return inputs.detach().clone()
     x = inputs.detach().clone().requires_grad_(True)
@@ -45,6 +47,13 @@ def fgsm(
         (grad,) = torch.autograd.grad(value, x)
     adv = x.detach() + eps * grad.sign()
     return adv.clamp_(bounds[0], bounds[1]).to(inputs.dtype)
+
+
+def _check_step(eps: float, bounds: tuple[float, float]) -> None:
+    if not 0 <= eps < math.inf:  # NaN fails too
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if len(bounds) != 2 or not bounds[0] < bounds[1]:
+        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds}")
 
 
 def adversarial_count(n: int, fraction: float) -> int:
@@ -63,9 +72,11 @@ def mix_adversarial(
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> torch.Tensor:
     """A new batch whose first ``ceil(fraction * B)`` rows are their FGSM versions (Algorithm 1,
-    line 5: ``x[:B*gamma] = adversarial(x[:B*gamma])``); the other rows are unchanged."""
+    line 5: ``x[:B*gamma] = adversarial(x[:B*gamma])``); the other rows are unchanged. When no row
+    is replaced (``fraction`` 0) it is ``inputs`` itself, not a copy."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    _check_step(eps, bounds)
     k = adversarial_count(inputs.shape[0], fraction)
     if k == 0:
         return inputs

@@ -41,10 +41,13 @@ def make_plan(global_batch: int, micro_batch_size: int, world_size: int = 1) -> 
     >>> make_plan(640, 512, 1)
     Plan(global_batch=640, micro=320, accumulation=2, world=1)
     """
-    if global_batch <= 0 or micro_batch_size <= 0 or world_size <= 0:
-        raise ValueError(
-            f"make_plan: sizes must be > 0, got {global_batch}, {micro_batch_size}, {world_size}"
-        )
+    for name, value in (
+        ("global_batch", global_batch),
+        ("micro_batch_size", micro_batch_size),
+        ("world_size", world_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"make_plan: {name} must be an integer > 0, got {value!r}")
     if global_batch % world_size:
         raise ValueError(f"batch_size {global_batch} is not divisible by {world_size} processes")
     per_rank = global_batch // world_size
@@ -97,6 +100,8 @@ class SampleOrder:
 
     def indices(self, start: int, count: int) -> list[int]:
         """Sample indices at stream positions ``[start, start + count)``, across epoch boundaries."""
+        if start < 0 or count < 0:
+            raise ValueError(f"SampleOrder.indices: start and count must be >= 0, got {start}, {count}")
         out: list[int] = []
         pos = start
         while len(out) < count:
@@ -118,6 +123,8 @@ class MicroBatchSampler:
     """
 
     def __init__(self, order: SampleOrder, plan: Plan, start: int, rank: int = 0):
+        if not 0 <= rank < plan.world:
+            raise ValueError(f"MicroBatchSampler: rank must be in [0, {plan.world}), got {rank}")
         self.order, self.plan, self.start, self.rank = order, plan, start, rank
 
     def __iter__(self) -> Iterator[list[int]]:

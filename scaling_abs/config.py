@@ -91,7 +91,8 @@ class TrainConfig:
     )
     hessian_block: str = _f("all", "parameters of the Hessian: all | last:N (last N modules with parameters)")
     hessian_bn_mode: str = _f(
-        "eval", "BatchNorm during checks: eval (paper's code) | train (buffers restored)"
+        "eval",
+        "BatchNorm during checks: eval (paper's code) | train (batch statistics; buffers restored, dropout off)",
     )
     hessian_precision: str = _f(
         "auto", "autocast of curvature checks: auto (as mixed_precision) | no (fp32) | bf16 | fp16"

@@ -103,8 +103,10 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
-    """Run in ``bn_mode`` ("eval": running statistics, the paper's code; "train": batch statistics)
-    and restore modes, buffers and the global RNG state afterwards."""
+    """Run in ``bn_mode`` ("eval": the whole model in eval mode, running statistics, the paper's code;
+    "train": the same but batch-normalisation layers in train mode, batch statistics; dropout stays
+    off either way, so the Hessian is a function of the batch) and restore modes, buffers and the
+    global RNG state afterwards."""
     if bn_mode not in ("eval", "train"):
         raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -114,12 +116,13 @@ def preserved_state(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
     )
     # Batch statistics without touching running stats: a BatchNorm in train mode that does not
     # track them normalises by the batch and writes nothing (forward-mode AD rejects in-place updates).
-    norms = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-    ]
+    all_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    norms = [m for m in all_norms if m.track_running_stats]
     with preserved_modes(model):
-        model.train(bn_mode == "train")
+        model.eval()
         if bn_mode == "train":
+            for m in all_norms:
+                m.training = True
             for m in norms:
                 m.track_running_stats = False
         try:
@@ -189,7 +192,7 @@ def _gradient_graph(model, loss_fn, batch, params, autocast_dtype) -> tuple[tupl
     it carries (fp16 only). Differentiating it again against ``v`` gives ``H v``."""
     scale = FP16_LOSS_SCALE if autocast_dtype == torch.float16 else 1.0
     with _autocast(params, autocast_dtype):
-        loss = loss_fn(model, batch)
+        loss = _loss(loss_fn, model, batch)
     grads = torch.autograd.grad(_acc(loss) * scale, params, create_graph=True, allow_unused=True)
     return grads, scale
 
@@ -302,6 +305,8 @@ def grad_and_hvp(
     zeros carried back from ReLU and pooling). ``"auto"``: on the
     CPU and on CUDA without autocast or under bf16, where it was measured faster; PyTorch's rules elsewhere.
     """
+    params = _trainable(model, params)
+    _check_method_and_dtype(method, autocast_dtype)
     rules = _second_order.wanted(custom_rules, params[0].device, autocast_dtype)  # a bad value fails here
     vector, norm = _fp16_unit(vector, autocast_dtype)
     g, hv = _grad_and_hvp(model, loss_fn, batch, params, vector, autocast_dtype, method, rules)
@@ -378,11 +383,63 @@ def _chain(model: nn.Module, loss_fn: LossFn, checkpoint: bool | Chain) -> Chain
     return _segmented.chain(model)
 
 
+def _check_method_and_dtype(method: str, autocast_dtype: torch.dtype | None) -> None:
+    """Checked up front: a path that never reaches the method's dispatch (one micro-batch, kept
+    graph) would otherwise run with a misspelt method silently."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
+        )
+
+
+def _check_iteration_settings(max_iter: Any, tol: Any) -> None:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+
+
 def _trainable(model: nn.Module, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    """``params`` checked: the model's own trainable parameters, each once (default: all of them).
+    A tensor that is not one of them would get a zero block and a silent eigenvalue of 0."""
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params: a sequence of parameters (e.g. [model.fc.weight]), got one tensor")
+        params = list(params)
+        owned = {id(p) for p in model.parameters()}
+        seen: set[int] = set()
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                hint = " (named_parameters() gives (name, parameter) pairs)" if isinstance(p, tuple) else ""
+                raise TypeError(f"params[{i}]: expected a parameter, got {type(p).__name__}{hint}")
+            if id(p) not in owned:
+                raise ValueError(f"params[{i}]: not a parameter of the model (a copy, or another model's?)")
+            if id(p) in seen:
+                raise ValueError(f"params[{i}]: given twice")
+            if not p.requires_grad:
+                raise ValueError(f"params[{i}]: does not require grad (frozen); leave it out")
+            seen.add(id(p))
     if not params:
         raise ValueError("params: no trainable parameters to take the Hessian over")
     return params
+
+
+def _loss(loss_fn: LossFn, model: nn.Module, batch: Any) -> torch.Tensor:
+    """``loss_fn(model, batch)``, which must be a scalar tensor with a graph to differentiate."""
+    loss = loss_fn(model, batch)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor (e.g. a mean over the batch), got {got}")
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss_fn's loss does not depend on the parameters (detached, or computed under no_grad / "
+            "inference_mode?)"
+        )
+    return loss.reshape(())
 
 
 def hvp(
@@ -480,7 +537,8 @@ class HessianOperator:
     ):
         if reuse_graph not in (True, False, "auto"):
             raise ValueError(f"reuse_graph must be True, False or 'auto', got {reuse_graph!r}")
-        self.model, self.loss_fn, self.params = model, loss_fn, list(params)
+        _check_method_and_dtype(method, autocast_dtype)
+        self.model, self.loss_fn, self.params = model, loss_fn, _trainable(model, params)
         self.batches = list(batches)
         self.method, self.autocast_dtype, self.sdpa_math = method, autocast_dtype, sdpa_math
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -749,10 +807,10 @@ def top_eigenvalue(
             model's :func:`chain`, for ``cross_entropy_loss``; or a :class:`Chain`; see
             :class:`HessianOperator`).
     Returns:
-        :class:`EigenResult`; the eigenvector is fp32 and unit-norm, shaped like ``params``.
+        :class:`EigenResult`; the eigenvector is unit-norm, shaped like ``params``, fp32 (fp64 for
+        fp64 parameters).
     """
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    _check_iteration_settings(max_iter, tol)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     params = _trainable(model, params)

@@ -76,11 +76,18 @@ def _check_decay(lr_decay: float, lr_decay_epochs: Sequence[float]) -> None:
         raise ValueError(f"lr_decay_epochs must be increasing, got {list(lr_decay_epochs)}")
 
 
-def _check_batch(batch_size: int, max_batch_size: int | None = None) -> None:
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+def _check_batch(
+    batch_size: int,
+    max_batch_size: int | None = None,
+    *,
+    names: tuple[str, str] = ("batch_size", "max_batch_size"),
+) -> None:
+    small, large = names
+    for name, value in ((small, batch_size), (large, max_batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{name} must be an integer > 0, got {value!r}")
     if max_batch_size is not None and max_batch_size < batch_size:
-        raise ValueError(f"max_batch_size ({max_batch_size}) must be >= batch_size ({batch_size})")
+        raise ValueError(f"{large} ({max_batch_size}) must be >= {small} ({batch_size})")
 
 
 class Schedule:
@@ -138,12 +145,12 @@ class LinearScalingWarmup(Schedule):
         lr_decay_epochs: Sequence[float] = (),
         lr_poly: tuple[float, float, float] | None = None,
     ):
-        _check_batch(base_batch_size, batch_size)
+        _check_batch(base_batch_size, batch_size, names=("base_batch_size", "batch_size"))
         _check_decay(lr_decay, lr_decay_epochs)
         _check_poly(lr_poly)
         self.lr_poly = lr_poly
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if not 0 <= warmup_epochs < math.inf:
+            raise ValueError(f"warmup_epochs must be a finite number >= 0, got {warmup_epochs}")
         self.batch_size, self.base_batch_size, self.warmup_epochs = batch_size, base_batch_size, warmup_epochs
         self.lr_decay, self.lr_decay_epochs = lr_decay, tuple(lr_decay_epochs)
 
@@ -195,7 +202,7 @@ class IncreaseBatch(Schedule):
 class AdaptiveBatchSize(Schedule):
     """ABS / ABSA controller (Algorithm 1, with the original code's reading in DESIGN.md).
 
-    The first eigenvalue only sets the reference. A check whose value is ``<= ref / alpha`` grows
+    The first eigenvalue only sets the reference. A check whose magnitude is ``<= |ref| / alpha`` grows
     the batch by ``beta`` (capped at ``max_batch_size``) and becomes the new reference; every other
     check counts, and ``kappa`` of them in a row grow the batch with the reference unchanged. Each
     growth divides the adversarial fraction by ``adv_decay`` (omega); at ``max_batch_size`` it is 0
@@ -230,16 +237,17 @@ class AdaptiveBatchSize(Schedule):
         _check_decay(lr_decay, lr_decay_epochs)
         _check_poly(lr_poly)
         self.lr_poly = lr_poly
-        if not alpha > 1:
-            raise ValueError(f"alpha must be > 1, got {alpha}")
-        if not beta > 1:
-            raise ValueError(f"beta must be > 1, got {beta}")
-        if kappa < 1:
+        # written so that NaN fails too
+        if not 1 < alpha < math.inf:
+            raise ValueError(f"alpha must be a finite number > 1, got {alpha}")
+        if not 1 < beta < math.inf:
+            raise ValueError(f"beta must be a finite number > 1, got {beta}")
+        if not 1 <= kappa < math.inf:
             raise ValueError(f"kappa must be >= 1, got {kappa}")
         if not 0 <= adv_fraction <= 1:
             raise ValueError(f"adv_fraction must be in [0, 1], got {adv_fraction}")
-        if adv_decay < 1:
-            raise ValueError(f"adv_decay must be >= 1, got {adv_decay}")
+        if not 1 <= adv_decay < math.inf:
+            raise ValueError(f"adv_decay must be a finite number >= 1, got {adv_decay}")
         if lr_scaling not in LR_RULES:
             raise ValueError(f"lr_scaling must be one of {LR_RULES}, got {lr_scaling!r}")
         self.initial_batch_size, self.max_batch_size = batch_size, max_batch_size
@@ -267,7 +275,9 @@ class AdaptiveBatchSize(Schedule):
         return self.batch_size < self.max_batch_size
 
     def _grow(self) -> None:
-        self.batch_size = min(int(round(self.batch_size * self.beta)), self.max_batch_size)
+        # at least one sample more: a beta close to 1 would otherwise round back to the same batch
+        grown = max(int(round(self.batch_size * self.beta)), self.batch_size + 1)
+        self.batch_size = min(grown, self.max_batch_size)
         self.adv_fraction = (
             0.0 if self.batch_size >= self.max_batch_size else self.adv_fraction / self.adv_decay
         )
@@ -280,7 +290,8 @@ class AdaptiveBatchSize(Schedule):
         if self.reference is None:
             self.reference = eigenvalue
             return False
-        if eigenvalue <= self.reference / self.alpha:
+        # magnitudes: the estimate is the largest-magnitude eigenvalue, which can be negative
+        if abs(eigenvalue) <= abs(self.reference) / self.alpha:
             self.reference = eigenvalue
             self._grow()
             return True
@@ -310,6 +321,11 @@ class AdaptiveBatchSize(Schedule):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.initial_batch_size <= int(state["batch_size"]) <= self.max_batch_size:
+            raise ValueError(
+                f"schedule state_dict: batch_size {state['batch_size']} is outside this schedule's "
+                f"[{self.initial_batch_size}, {self.max_batch_size}]"
+            )
         self.batch_size = int(state["batch_size"])
         self.reference = state["reference"]
         self.checks_without_growth = int(state["checks_without_growth"])

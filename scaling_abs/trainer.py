@@ -618,8 +618,8 @@ class Trainer:
             if "state_dict" not in first and "optimizer" not in first and "parameter group" not in first:
                 raise
             raise UserError(
-                f"resume: {path} does not fit this run's model or optimizer (was it written with "
-                f"another model or settings?): {first}"
+                f"resume: {path} does not fit this run's model, optimizer or schedule (was it written "
+                f"with another model or settings?): {first}"
             ) from None
         return path
 

@@ -98,3 +98,20 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="fraction"):
         mix_adversarial(model, x, y, 1.5, 0.1)
     assert torch.equal(fgsm(model, x, y, 0.0), x)
+
+
+def test_bad_steps_and_bounds_are_refused_even_when_nothing_is_replaced():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.rand(8, 1, 2, 2), torch.randint(0, 3, (8,))
+    for kwargs, match in [
+        ({"eps": float("nan")}, "eps"),
+        ({"eps": 0.1, "bounds": (1.0, 0.0)}, "bounds"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            fgsm(model, x, y, **kwargs)
+    with pytest.raises(ValueError, match="eps"):
+        mix_adversarial(model, x, y, 0.0, -0.1)
+    assert mix_adversarial(model, x, y, 0.0, 0.1) is x  # nothing replaced: the batch itself
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        fgsm(model, x, y, 0.1)

@@ -76,3 +76,13 @@ def test_a_batch_without_a_divisor_near_the_micro_batch_warns():
     assert small_micro_batches(make_plan(1031 * 4, 512, 4), 512) is not None  # 1031 a process, prime
     for batch, micro, world in ((128, 64, 1), (640, 512, 1), (96, 512, 2), (3, 64, 1)):
         assert small_micro_batches(make_plan(batch, micro, world), micro) is None
+
+
+def test_odd_arguments_are_refused():
+    for args in ((100.0, 32), (True, 32), (128, 0)):
+        with pytest.raises(ValueError, match="must be an integer > 0"):
+            make_plan(*args)
+    with pytest.raises(ValueError, match=">= 0"):
+        SampleOrder(5).indices(-3, 4)
+    with pytest.raises(ValueError, match="rank"):
+        MicroBatchSampler(SampleOrder(8), make_plan(8, 4, 2), 0, rank=5)

@@ -572,3 +572,67 @@ def test_power_iteration_keeps_no_copy_of_the_product(monkeypatch, micro_batches
     assert all(a is b for a, b in zip(res.eigenvector, sums[-1]))
     top = torch.linalg.eigvalsh(dense_hessian(model, (x, y)))
     assert res.eigenvalue == pytest.approx(float(top[top.abs().argmax()]), rel=1e-6)
+
+
+def test_params_that_are_not_the_models_own_trainable_ones_are_refused():
+    # each of these used to give a zero block and a "converged" eigenvalue of 0, or a deep torch error
+    model, other = tiny_mlp(), tiny_mlp(seed=1)
+    batch = data()
+    frozen = tiny_mlp()
+    frozen[0].weight.requires_grad_(False)
+    for params, error, match in [
+        (model[2].weight, TypeError, "one tensor"),
+        ([other[2].weight], ValueError, r"params\[0\]: not a parameter of the model"),
+        ([model[2].weight, model[2].weight], ValueError, r"params\[1\]: given twice"),
+        (list(model.named_parameters()), TypeError, "named_parameters"),
+    ]:
+        with pytest.raises(error, match=match):
+            top_eigenvalue(model, cross_entropy_loss, [batch], params=params)
+    with pytest.raises(ValueError, match=r"params\[0\]: does not require grad"):
+        top_eigenvalue(frozen, cross_entropy_loss, [batch], params=list(frozen.parameters()))
+    with pytest.raises(ValueError, match="not a parameter"):
+        hvp(model, cross_entropy_loss, batch, [torch.ones_like(other[2].weight)], params=[other[2].weight])
+
+
+@pytest.mark.parametrize(
+    "loss_fn, match",
+    [
+        (lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), "scalar tensor"),
+        (lambda m, b: 1.0, "scalar tensor"),
+        (lambda m, b: cross_entropy_loss(m, b).detach(), "does not depend on the parameters"),
+    ],
+)
+def test_a_loss_fn_that_gives_no_scalar_with_a_graph(loss_fn, match):
+    with pytest.raises(ValueError, match=match):
+        top_eigenvalue(tiny_mlp(), loss_fn, [data()])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "forward-over-reverse"}, "method must be one of"),  # one micro-batch: kept graph
+        ({"autocast_dtype": torch.float64}, "autocast_dtype"),
+        ({"tol": -1.0}, "tol"),
+        ({"tol": float("nan")}, "tol"),
+        ({"max_iter": 2.5}, "max_iter"),
+    ],
+)
+def test_settings_are_checked_before_any_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        top_eigenvalue(tiny_mlp(), cross_entropy_loss, [data()], **kwargs)
+
+
+def test_bn_mode_train_keeps_dropout_off():
+    """Batch statistics, not random masks: with dropout in the model the Hessian must not depend on
+    how the batch is split or whether graphs are kept (it did while bn_mode="train" switched the
+    whole model to train mode)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    x, y = data()
+    kw = {"max_iter": 30, "tol": 1e-10, "bn_mode": "train"}
+    one = top_eigenvalue(model, cross_entropy_loss, [(x, y)], **kw).eigenvalue
+    two = top_eigenvalue(model, cross_entropy_loss, [(x[:16], y[:16]), (x[16:], y[16:])], **kw).eigenvalue
+    fresh = top_eigenvalue(model, cross_entropy_loss, [(x, y)], reuse_graph=False, **kw).eigenvalue
+    evaluated = top_eigenvalue(model, cross_entropy_loss, [(x, y)], **{**kw, "bn_mode": "eval"}).eigenvalue
+    assert one == pytest.approx(two, rel=1e-9) and one == pytest.approx(fresh, rel=1e-9)
+    assert one == pytest.approx(evaluated, rel=1e-9)  # no BatchNorm here: the same Hessian

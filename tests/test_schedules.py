@@ -190,3 +190,42 @@ def test_bad_arguments_name_themselves(kwargs, name):
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="strategy"):
         build_schedule("sgd", batch_size=128, max_batch_size=256)
+
+
+def test_abs_grows_by_at_least_one_sample_and_reads_magnitudes():
+    s = AdaptiveBatchSize(128, 4096, beta=1.001, kappa=1, adv_fraction=0.2)
+    s.observe(10.0)
+    assert s.observe(9.0) and s.batch_size == 129  # 128 * 1.001 rounds back to 128
+    # the top eigenvalue is the largest in magnitude and can be negative: -4 is a drop from -10
+    s = AdaptiveBatchSize(128, 1024, kappa=10)
+    assert [s.observe(e) for e in (-10.0, -20.0, -4.0)] == [False, False, True]
+    assert s.reference == -4.0 and s.batch_size == 256
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kappa": math.nan}, "kappa"),
+        ({"beta": math.inf}, "beta"),
+        ({"alpha": math.nan}, "alpha"),
+        ({"adv_decay": math.nan}, "adv_decay"),
+        ({"batch_size": 100.0}, "batch_size must be an integer"),
+    ],
+)
+def test_abs_settings_that_are_not_numbers_in_range(kwargs, match):
+    args = {"batch_size": 128, "max_batch_size": 1024, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        AdaptiveBatchSize(args.pop("batch_size"), args.pop("max_batch_size"), **args)
+
+
+def test_errors_name_the_argument_given():
+    with pytest.raises(ValueError, match=r"^batch_size \(64\) must be >= base_batch_size \(128\)"):
+        LinearScalingWarmup(64, base_batch_size=128)
+    with pytest.raises(ValueError, match="^base_batch_size must be"):
+        LinearScalingWarmup(64, base_batch_size=0)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        LinearScalingWarmup(256, warmup_epochs=math.nan)
+    s = AdaptiveBatchSize(128, 1024)
+    state = {**s.state_dict(), "batch_size": -5}
+    with pytest.raises(ValueError, match="outside"):
+        s.load_state_dict(state)

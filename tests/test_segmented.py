@@ -338,18 +338,19 @@ def test_planning_and_the_forward_mode_fallback_keep_the_dropout_masks(monkeypat
 
 
 def test_the_chain_check_covers_given_cuts_and_train_mode():
-    class NoDrop(nn.Module):
+    class NoNorm(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.d, self.b = nn.Linear(5, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+            self.a, self.n, self.b = nn.Linear(5, 8), nn.BatchNorm1d(8, affine=False), nn.Linear(8, 3)
+            self.n.running_var.fill_(1 - self.n.eps)  # mean 0, var + eps 1: the identity in eval mode
 
         def forward(self, x):
-            return self.b(torch.tanh(self.d(self.a(x))))
+            return self.b(torch.tanh(self.n(self.a(x))))
 
         def hessian_units(self):
-            return [self.a, torch.tanh, self.b]  # the Dropout is missing: right in eval mode only
+            return [self.a, torch.tanh, self.b]  # the BatchNorm is missing: right in eval mode only
 
-    net = NoDrop().double()
+    net = NoNorm().double()
     v = [torch.randn_like(p) for p in net.parameters()]
     hvp(net, cross_entropy_loss, data(), v, checkpoint=True)  # eval mode: the chain is right
     with pytest.raises(ValueError, match="does not compute its forward"):
