@@ -112,6 +112,14 @@ class SampleOrder:
         return out
 
 
+class MicroBatch(list):
+    """A micro-batch's sample indices, and ``seed``: the seed of its random augmentation, a function
+    of the run's seed and the micro-batch's place in the sample stream (not of how many loaders came
+    before it), so a resumed run crops and flips exactly as the uninterrupted one did."""
+
+    seed: int = 0
+
+
 class MicroBatchSampler:
     """``batch_sampler`` for a DataLoader: this rank's micro-batches of consecutive optimizer steps
     under one plan, starting at stream position ``start``.
@@ -134,5 +142,8 @@ class MicroBatchSampler:
             batch = self.order.indices(pos, p.global_batch)
             share = batch[self.rank * p.per_rank : (self.rank + 1) * p.per_rank]
             for j in range(p.accumulation):
-                yield share[j * p.micro : (j + 1) * p.micro]
+                micro = MicroBatch(share[j * p.micro : (j + 1) * p.micro])
+                # its first sample's stream position names it (ints hash alike in every process)
+                micro.seed = hash((self.order.seed, pos + self.rank * p.per_rank + j * p.micro)) % 2**63
+                yield micro
             pos += p.global_batch

@@ -96,6 +96,32 @@ class TensorImageDataset(Dataset):
         return torch.stack([self[i][0] for i in indices]), self.targets[idx]
 
 
+class SeededAugmentation(Dataset):
+    """``dataset`` whose micro-batch fetch draws its random augmentation from the micro-batch's own
+    seed (:class:`scaling_abs.batching.MicroBatch`), in whichever process fetches it, and leaves
+    that process's global random state as it was. Without it, the crops and flips followed the
+    global generator, which every new DataLoader iterator advances: a resumed run (one iterator
+    more) trained on other crops than the uninterrupted one from the resume on."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        seed = getattr(indices, "seed", None)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            if hasattr(self.dataset, "__getitems__"):
+                return self.dataset.__getitems__(indices)
+            return [self.dataset[i] for i in indices]
+
+
 def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """DataLoader ``collate_fn``: a ``__getitems__`` result passes through, a list is stacked."""
     if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):

@@ -35,7 +35,7 @@ from scaling_abs import _malloc, _second_order, curvature, distributed
 from scaling_abs.adversarial import mix_adversarial
 from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan, small_micro_batches
 from scaling_abs.config import TrainConfig, dump_config, validate
-from scaling_abs.data import DataBundle, build_dataset, collate_batch
+from scaling_abs.data import DataBundle, SeededAugmentation, build_dataset, collate_batch
 from scaling_abs.errors import UserError
 from scaling_abs.models import build_model, count_parameters, model_default_augmentation
 from scaling_abs.schedules import build_schedule
@@ -286,11 +286,14 @@ class Trainer:
         """A DataLoader over this rank's micro-batches from the current stream position."""
         sampler = MicroBatchSampler(self.order, plan, self.state.samples, rank=self.accelerator.process_index)
         return torch.utils.data.DataLoader(
-            self.data.train,
+            SeededAugmentation(self.data.train),
             batch_sampler=sampler,
             num_workers=self.cfg.num_workers,
             collate_fn=collate_batch,
             pin_memory=self.accelerator.device.type == "cuda",
+            # its own generator: a new iterator (at every plan change, and at a resume) must not
+            # advance the global one that dropout and the rest of training draw from
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
     def _log(self, record: dict[str, Any]) -> None:

@@ -275,6 +275,24 @@ def test_a_check_that_runs_out_of_memory_retries_smaller(tmp_path, monkeypatch):
     assert "hessian_micro_batch_size" in "".join(getattr(info.value, "__notes__", []))
 
 
+def _preempted_at(step: int, cfg, monkeypatch) -> dict:
+    """``train(cfg)`` with a SIGTERM raised at the end of optimizer step ``step``."""
+    original, calls = Trainer._train_step, {"n": 0}
+
+    def step_then_sigterm(self, *args):
+        calls["n"] += 1
+        loss = original(self, *args)
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(Trainer, "_train_step", step_then_sigterm)
+    try:
+        return train(cfg)
+    finally:
+        monkeypatch.setattr(Trainer, "_train_step", original)
+
+
 def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypatch):
     # a check at step 2, before the preemption at step 3: the checkpoint carries its eigenvector
     common = {
@@ -288,20 +306,8 @@ def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypa
     full, w_full = run(tmp_path, "full", **common)
 
     out = tmp_path / "preempted"
-    cfg = load_config(None, {**BASE, **common, "output_dir": str(out)})
-    original = Trainer._train_step
-    calls = {"n": 0}
-
-    def step_then_sigterm(self, *args):
-        calls["n"] += 1
-        loss = original(self, *args)
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled: checkpoint at the step boundary, stop
-        return loss
-
-    monkeypatch.setattr(Trainer, "_train_step", step_then_sigterm)
-    first = train(cfg)
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    # handled: checkpoint at the step boundary, stop
+    first = _preempted_at(3, load_config(None, {**BASE, **common, "output_dir": str(out)}), monkeypatch)
     assert first["interrupted"] is True and first["updates"] == 3
     assert [p.name for p in _checkpoints(out)] == ["step_3"]
 
@@ -324,6 +330,20 @@ def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypa
     (old / CURVATURE_STATE_FILE).unlink()
     with pytest.raises(UserError, match="older scaling_abs"):
         train(load_config(None, {**BASE, **common, "output_dir": str(out), "resume": str(old)}))
+
+
+def test_random_augmentation_resumes_exactly(tmp_path, monkeypatch):
+    """Crops and flips come from each micro-batch's own seed: a resumed run (a DataLoader iterator
+    more) draws the same ones. Before, the loss parted from the uninterrupted run's at the first
+    step after the resume."""
+    kw = {**BASE, "augmentation": "crop_flip", "micro_batch_size": 32}
+    full, w_full = run(tmp_path, "full", **kw)
+    out = tmp_path / "preempted"
+    first = _preempted_at(3, load_config(None, {**kw, "output_dir": str(out)}), monkeypatch)
+    assert first["interrupted"] is True
+    resumed = train(load_config(None, {**kw, "output_dir": str(out), "resume": "auto"}))
+    assert resumed["final_train_loss"] == full["final_train_loss"]
+    assert_close(w_full, load_file(str(out / "model.safetensors")), rtol=1e-6)
 
 
 def test_channels_last_training_is_the_same_run_and_resumes(tmp_path, monkeypatch):
@@ -364,18 +384,7 @@ def test_channels_last_training_is_the_same_run_and_resumes(tmp_path, monkeypatc
     full, w_full = run(tmp_path, "full", strategy="abs", channels_last=True, **kw)
     out = tmp_path / "preempted"
     cfg = load_config(None, {**BASE, **kw, "strategy": "abs", "channels_last": True, "output_dir": str(out)})
-    calls = {"n": 0}
-
-    def step_then_sigterm(self, *args):
-        calls["n"] += 1
-        loss = original(self, *args)
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-
-    monkeypatch.setattr(Trainer, "_train_step", step_then_sigterm)
-    assert train(cfg)["interrupted"] is True
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    assert _preempted_at(3, cfg, monkeypatch)["interrupted"] is True
     resumed = train(load_config(None, {**BASE, **kw, "strategy": "abs", "channels_last": True,
                                        "output_dir": str(out), "resume": "auto"}))  # fmt: skip
     assert resumed["updates"] == full["updates"]
