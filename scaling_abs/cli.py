@@ -12,12 +12,14 @@ scaling-abs COMMAND --help tells more. With no command (or only key=value settin
 scaling-abs alone runs the embedded default.
 
 A mistake the user can make (config, paths, data) prints one line on stderr and exits with 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. A training run stopped by SIGTERM or Ctrl-C writes a
+checkpoint and exits with 143 or 130 (a second Ctrl-C stops at once, also with 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from scaling_abs.errors import UserError
@@ -47,7 +49,17 @@ def _train(argv: list[str]) -> int:
 
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary, cfg.output_dir))
-    return 0
+    return interrupted_exit_code(summary)
+
+
+def interrupted_exit_code(summary: dict) -> int:
+    """0 for a finished run; 128 + the signal's number for one that stopped at a signal after its
+    checkpoint (143 for SIGTERM, 130 for Ctrl-C, as a shell reports a process the signal ended), so
+    that a scheduler requeues it and ``train && report`` does not go on."""
+    if not summary.get("interrupted"):
+        return 0
+    signum = signal.SIGINT if summary.get("interrupt_signal") == "SIGINT" else signal.SIGTERM
+    return 128 + int(signum)
 
 
 def format_summary(summary: dict, output_dir: str) -> str:
@@ -105,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"scaling-abs {command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside its loop
+        print(
+            f"scaling-abs {command}: interrupted (no checkpoint written since the last one)", file=sys.stderr
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -93,23 +93,31 @@ class CurvatureState:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop checkpoints at the next optimizer-step boundary and stops."""
+    """SIGTERM or Ctrl-C (SIGINT) sets a flag: the loop checkpoints at the next optimizer-step
+    boundary and stops. A second Ctrl-C stops at once (KeyboardInterrupt). While the run writes its
+    outputs at the end, a signal waits until they are complete."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self.signal: str | None = None  # the first signal's name
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Preemption:
         if threading_main():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
+        self.signal = self.signal or signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def threading_main() -> bool:
@@ -271,6 +279,7 @@ class Trainer:
         self._loader_iter = None
         self._metrics = None
         self._tb = None
+        self._last_eval: tuple[int, dict[str, float]] | None = None  # (step, evaluate())
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -702,13 +711,14 @@ class Trainer:
                     state.next_eval += self.eval_every * (
                         1 + (state.samples - state.next_eval) // self.eval_every
                     )
+                    self._last_eval = (state.step, self.evaluate())
                     self._log(
                         {
                             "kind": "eval",
                             "step": state.step,
                             "samples": state.samples,
                             "epoch": self.epoch,
-                            **self.evaluate(),
+                            **self._last_eval[1],
                         }
                     )
                 state.wall_time_s = time.perf_counter() - start
@@ -724,16 +734,29 @@ class Trainer:
                 if stop:
                     interrupted = True
                     break
-        if bar is not None:
-            bar.close()
-        return self._finish(interrupted)
+            if bar is not None:
+                bar.close()
+            # still under the handler: a signal now waits until the outputs are written
+            summary = self._finish(interrupted)
+        summary["interrupt_signal"] = preempt.signal if interrupted else None
+        return summary
 
     def _finish(self, interrupted: bool) -> dict[str, Any]:
         acc, state = self.accelerator, self.state
-        final_eval = self.evaluate()
+        # The loop's last evaluation when it was of this step (a finished run always has one); an
+        # interrupted run does not evaluate again (a preemption's grace period is short) and reports
+        # its last evaluation, whichever step that was.
+        last = self._last_eval
+        if last is not None and (last[0] == state.step or interrupted):
+            eval_step, final_eval = last
+        elif interrupted:
+            eval_step, final_eval = None, {"test_accuracy": math.nan, "test_loss": math.nan}
+        else:
+            eval_step, final_eval = state.step, self.evaluate()
         summary = {
             "test_accuracy": final_eval["test_accuracy"],
             "test_loss": final_eval["test_loss"],
+            "evaluated_at_step": eval_step,
             "updates": state.step,
             "samples": state.samples,
             "epochs": self.epoch,

@@ -90,3 +90,15 @@ def test_every_command_has_help(command):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: scaling-abs {command}"), proc.stdout
     assert proc.stderr == ""
+
+
+def test_a_keyboard_interrupt_outside_the_loop_is_one_line_and_130(monkeypatch, capsys):
+    from scaling_abs import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+    assert cli.main(["train"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err

@@ -275,15 +275,15 @@ def test_a_check_that_runs_out_of_memory_retries_smaller(tmp_path, monkeypatch):
     assert "hessian_micro_batch_size" in "".join(getattr(info.value, "__notes__", []))
 
 
-def _preempted_at(step: int, cfg, monkeypatch) -> dict:
-    """``train(cfg)`` with a SIGTERM raised at the end of optimizer step ``step``."""
+def _preempted_at(step: int, cfg, monkeypatch, signum=signal.SIGTERM) -> dict:
+    """``train(cfg)`` with ``signum`` raised at the end of optimizer step ``step``."""
     original, calls = Trainer._train_step, {"n": 0}
 
     def step_then_sigterm(self, *args):
         calls["n"] += 1
         loss = original(self, *args)
         if calls["n"] == step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return loss
 
     monkeypatch.setattr(Trainer, "_train_step", step_then_sigterm)
@@ -330,6 +330,43 @@ def test_preemption_checkpoint_and_resume_match_uninterrupted(tmp_path, monkeypa
     (old / CURVATURE_STATE_FILE).unlink()
     with pytest.raises(UserError, match="older scaling_abs"):
         train(load_config(None, {**BASE, **common, "output_dir": str(out), "resume": str(old)}))
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_the_exit_code_says_so(tmp_path, monkeypatch):
+    from scaling_abs.cli import interrupted_exit_code
+
+    out = tmp_path / "run"
+    kw = {**BASE, "output_dir": str(out)}
+    summary = _preempted_at(2, load_config(None, kw), monkeypatch, signal.SIGINT)
+    assert summary["interrupted"] is True and summary["interrupt_signal"] == "SIGINT"
+    assert summary["updates"] == 2 and [p.name for p in _checkpoints(out)] == ["step_2"]
+    assert interrupted_exit_code(summary) == 130
+    assert interrupted_exit_code({**summary, "interrupt_signal": "SIGTERM"}) == 143
+    assert interrupted_exit_code({"interrupted": False}) == 0
+    # no evaluation at the stop (a grace period is short): the summary has the last one, if any
+    assert summary["evaluated_at_step"] is None and math.isnan(summary["test_accuracy"])
+
+
+def test_a_signal_while_the_outputs_are_written_waits_for_them(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original_finish, evaluations = Trainer._finish, []
+    original_evaluate = Trainer.evaluate
+
+    def finish_after_sigterm(self, interrupted):
+        os.kill(os.getpid(), signal.SIGTERM)  # the loop is over: nothing to stop any more
+        return original_finish(self, interrupted)
+
+    def counted(self):
+        evaluations.append(self.state.step)
+        return original_evaluate(self)
+
+    monkeypatch.setattr(Trainer, "_finish", finish_after_sigterm)
+    monkeypatch.setattr(Trainer, "evaluate", counted)
+    summary = train(load_config(None, {**BASE, "output_dir": str(out)}))
+    assert summary["interrupted"] is False and summary["interrupt_signal"] is None
+    assert (out / "model.safetensors").exists() and json.loads((out / "summary.json").read_text())
+    # the loop's evaluation at the last step is the summary's: the test set is not read twice
+    assert len(evaluations) == len(set(evaluations)) and summary["evaluated_at_step"] == evaluations[-1]
 
 
 def test_random_augmentation_resumes_exactly(tmp_path, monkeypatch):
