@@ -35,6 +35,17 @@ class Run:
         return f"{self.config.get('strategy', '?').upper()} (B_max {self.config.get('max_batch_size', '?')})"
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run's ``summary.json``; a damaged one is a one-line error, not a traceback."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"run: {run_dir / 'summary.json'} cannot be read ({e})") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"run: {run_dir / 'summary.json'} is not a summary (a JSON object)")
+    return summary
+
+
 def read_records(metrics: Path) -> list[dict[str, Any]]:
     """The records of a run's ``metrics.jsonl``; a damaged line (a run killed mid-write) is skipped
     with a warning."""
@@ -59,7 +70,7 @@ def load_run(path: str | Path) -> Run:
     if not (path / "summary.json").exists():
         raise UserError(f"run: {path} has no summary.json (not a finished scaling-abs run)")
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
-    run = Run(path, config or {}, json.loads((path / "summary.json").read_text()))
+    run = Run(path, config or {}, read_summary(path))
     metrics = path / "metrics.jsonl"
     if metrics.exists():
         for r in read_records(metrics):
@@ -77,7 +88,8 @@ def summary_table(runs: list[Run]) -> str:
         s = r.summary
         share = 100 * s["curvature_time_s"] / s["wall_time_s"] if s.get("wall_time_s") else 0.0
         lines.append(
-            f"| {r.path.name} | {r.config.get('strategy', '?')} | {r.config.get('max_batch_size', '?')} | "
+            f"| {r.path.name}{' (interrupted)' if s.get('interrupted') else ''} | "
+            f"{r.config.get('strategy', '?')} | {r.config.get('max_batch_size', '?')} | "
             f"{100 * s['test_accuracy']:.2f} | {s['updates']:,} | {s['max_batch_size']:,} | "
             f"{s['wall_time_s']:.0f} | {share:.1f} |"
         )

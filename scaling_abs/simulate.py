@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from scaling_abs.errors import UserError
-from scaling_abs.report import read_records
+from scaling_abs.report import read_records, read_summary
 
 IMAGENET_TRAIN = 1_281_167
 RESNET18_PARAMS = 11_689_512
@@ -121,7 +121,7 @@ def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
     if not metrics.exists() or not summary.exists():
         raise UserError(f"run_dir: {run_dir} has no metrics.jsonl and summary.json (is it a finished run?)")
     records = read_records(metrics)
-    return records, json.loads(summary.read_text())
+    return records, read_summary(run_dir)
 
 
 def simulate_from_run(

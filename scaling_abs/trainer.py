@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from scaling_abs import _malloc, _second_order, curvature, distributed
 from scaling_abs.adversarial import mix_adversarial
@@ -172,6 +173,25 @@ def _deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
         )
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
+
+
+# Settings a checkpoint must be resumed with: they fix the data stream, the model and the schedule's
+# state. Others may change on resume (epochs to extend a run, evaluation and checkpoint frequency,
+# the LR schedule, the checks' settings).
+RUN_KEYS = ("model", "dataset", "strategy", "batch_size", "max_batch_size", "seed", "limit_train_samples")
+CHECKPOINT_CONFIG = "run_config.yaml"
+
+
+def _finished_summary(output_dir: Path, step: int | None = None) -> dict[str, Any] | None:
+    """The summary of the finished run in ``output_dir`` (of ``step`` updates, when given), or None:
+    no summary, an unreadable one, or an interrupted run."""
+    try:
+        summary = json.loads((output_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("interrupted", True):
+        return None
+    return summary if step is None or summary.get("updates") == step else None
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -595,6 +615,7 @@ class Trainer:
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            dump_config(self.cfg, tmp / CHECKPOINT_CONFIG)  # what resuming it must agree with
             (tmp / "trainer_state.json").write_text(json.dumps(self.state.state_dict()))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -603,9 +624,35 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def _start_afresh(self) -> None:
+        """A fresh run (no ``resume``) in a folder that holds a run: a finished one is replaced (its
+        checkpoints, summary, model and TensorBoard logs removed, so that nothing of it is resumed or
+        read later as this run's); an unfinished one is refused, since its checkpoints are the only
+        way to continue it."""
+        found = _checkpoints(self.out)
+        if not found:
+            return
+        if _finished_summary(self.out, int(found[-1].name[len(CHECKPOINT_PREFIX) :])) is None:
+            raise UserError(
+                f"output_dir: {self.out} holds an unfinished run (checkpoint {found[-1].name}): "
+                "resume=auto continues it; to start afresh choose another output_dir or remove that one"
+            )
+        if self.accelerator.is_main_process:
+            warnings.warn(
+                f"{self.out} held a finished run: this fresh run replaces it (its checkpoints, summary, "
+                "model and TensorBoard logs removed)",
+                stacklevel=3,
+            )
+            for path in (self.out / "checkpoints", self.out / "tensorboard"):
+                shutil.rmtree(path, ignore_errors=True)
+            for path in (self.out / "summary.json", self.out / "model.safetensors"):
+                path.unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
     def _resume(self) -> Path | None:
         cfg = self.cfg
         if not cfg.resume:
+            self._start_afresh()
             return None
         if cfg.resume == "auto":
             found = _checkpoints(self.out)
@@ -621,6 +668,7 @@ class Trainer:
                 f"resume: {path} was written by an older scaling_abs (no {CURVATURE_STATE_FILE}); "
                 "finish that run with the version that started it, or start afresh"
             )
+        self._check_resumable(path)
         try:
             self.accelerator.load_state(str(path))
         except (RuntimeError, ValueError, KeyError) as e:
@@ -635,10 +683,29 @@ class Trainer:
             ) from None
         return path
 
+    def _check_resumable(self, path: Path) -> None:
+        """The checkpoint's run-defining settings (:data:`RUN_KEYS`) against this run's."""
+        saved = path / CHECKPOINT_CONFIG
+        if not saved.exists():  # written before the file existed: the state dicts still check
+            return
+        old = yaml.safe_load(saved.read_text()) or {}
+        differ = [k for k in RUN_KEYS if k in old and old[k] != getattr(self.cfg, k)]
+        if differ:
+            was = ", ".join(f"{k}={old[k]}" for k in differ)
+            now = ", ".join(f"{k}={getattr(self.cfg, k)}" for k in differ)
+            raise UserError(
+                f"resume: {path} was written with {was}, this run has {now}; resume with the "
+                "checkpoint's settings, or start afresh in another output_dir"
+            )
+
     # -- the run -------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         acc, cfg, state = self.accelerator, self.cfg, self.state
         resumed = self._resume()
+        if resumed is not None and state.samples >= self.total_samples:
+            done = _finished_summary(self.out, state.step)
+            if done is not None:  # resume=auto on a finished run: nothing to train or write
+                return done
         self._open_logs()
         if resumed is not None:
             self._log(
@@ -723,8 +790,10 @@ class Trainer:
                     )
                 state.wall_time_s = time.perf_counter() - start
                 epoch_now = int(state.samples // self.n_train)
-                due = (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
-                    not cfg.checkpoint_every and epoch_now > ckpt_epoch
+                due = (
+                    (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
+                    or (not cfg.checkpoint_every and epoch_now > ckpt_epoch)
+                    or state.samples >= self.total_samples  # the end: resume=auto finds it done
                 )
                 ckpt_epoch = epoch_now
                 # every rank must agree to stop: a signal may reach only some of them
@@ -737,11 +806,9 @@ class Trainer:
             if bar is not None:
                 bar.close()
             # still under the handler: a signal now waits until the outputs are written
-            summary = self._finish(interrupted)
-        summary["interrupt_signal"] = preempt.signal if interrupted else None
-        return summary
+            return self._finish(interrupted, preempt.signal if interrupted else None)
 
-    def _finish(self, interrupted: bool) -> dict[str, Any]:
+    def _finish(self, interrupted: bool, interrupt_signal: str | None = None) -> dict[str, Any]:
         acc, state = self.accelerator, self.state
         # The loop's last evaluation when it was of this step (a finished run always has one); an
         # interrupted run does not evaluate again (a preemption's grace period is short) and reports
@@ -767,6 +834,7 @@ class Trainer:
             "max_batch_size": state.max_batch_size,
             "final_train_loss": state.last_loss,
             "interrupted": interrupted,
+            "interrupt_signal": interrupt_signal,
             "num_params": self.num_params,
             "processes": acc.num_processes,
             "deepspeed_zero_stage": self.engine.zero_optimization_stage()

@@ -83,3 +83,22 @@ def test_out_must_be_a_folder_and_damaged_metrics_lines_are_skipped(tmp_path):
         f.write('{"kind": "st')  # a run killed mid-write
     with pytest.warns(UserWarning, match="skipped 1 damaged line"):
         assert len(load_run(run).steps) == 8
+
+
+@pytest.mark.parametrize("content", ['{"test_accuracy": 0.9, "upd', "", "[1, 2]"])
+def test_a_damaged_summary_is_one_line(tmp_path, content):
+    run = fake_run(tmp_path, "a", "bl", 128, 128, 0.9, 100)
+    (run / "summary.json").write_text(content)
+    with pytest.raises(UserError, match="^run: .*summary.json"):
+        load_run(run)
+    from scaling_abs.simulate import main as simulate_main
+
+    with pytest.raises(UserError, match="^run: .*summary.json"):
+        simulate_main([f"run_dir={run}"])
+
+
+def test_an_interrupted_run_is_marked_in_the_table(tmp_path):
+    run = fake_run(tmp_path, "a", "absa", 128, 1024, 0.9, 100)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "interrupted": True}))
+    assert "| a (interrupted) | absa |" in summary_table([load_run(run)])

@@ -352,9 +352,9 @@ def test_a_signal_while_the_outputs_are_written_waits_for_them(tmp_path, monkeyp
     original_finish, evaluations = Trainer._finish, []
     original_evaluate = Trainer.evaluate
 
-    def finish_after_sigterm(self, interrupted):
+    def finish_after_sigterm(self, *args):
         os.kill(os.getpid(), signal.SIGTERM)  # the loop is over: nothing to stop any more
-        return original_finish(self, interrupted)
+        return original_finish(self, *args)
 
     def counted(self):
         evaluations.append(self.state.step)
@@ -449,8 +449,36 @@ def test_resume_errors_a_user_can_cause(tmp_path):
         again = train(load_config(None, {**kw, "epochs": 0.25, "resume": "auto"}))
     assert again["updates"] == 2 * first["updates"]
     assert all(line.endswith("}") for line in (out / "metrics.jsonl").read_text().splitlines())
+    for change in ({"model": "cnn"}, {"strategy": "bl"}, {"batch_size": 128}):
+        with pytest.raises(UserError, match=r"^resume: .* was written with .* this run has"):
+            train(load_config(None, {**kw, **change, "epochs": 0.5, "resume": "auto"}))
+    # a checkpoint from before its settings were saved in it: the state dicts still catch another model
+    for ckpt in _checkpoints(out):
+        (ckpt / "run_config.yaml").unlink()
     with pytest.raises(UserError, match=r"^resume: .* does not fit this run's model"):
         train(load_config(None, {**kw, "model": "cnn", "epochs": 0.5, "resume": "auto"}))
+
+
+def test_a_fresh_run_replaces_a_finished_one_and_refuses_an_unfinished_one(tmp_path, monkeypatch):
+    """Found by the preemption audit: a fresh run into a used folder kept the old run's checkpoints
+    (and pruned its own), so a later resume=auto silently continued the other run."""
+    out = tmp_path / "run"
+    kw = {**BASE, "output_dir": str(out)}
+    first = train(load_config(None, kw))
+    metrics = (out / "metrics.jsonl").read_text()
+    # resume=auto on the finished run: its summary, no work and no writes
+    assert train(load_config(None, {**kw, "resume": "auto"})) == first
+    assert (out / "metrics.jsonl").read_text() == metrics
+    # a fresh run with other settings replaces it
+    with pytest.warns(UserWarning, match="held a finished run"):
+        _preempted_at(2, load_config(None, {**kw, "batch_size": 128}), monkeypatch)
+    assert [p.name for p in _checkpoints(out)] == ["step_2"]  # the finished run's are gone
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+    # ... and that interrupted run is not replaced by another fresh one
+    with pytest.raises(UserError, match="^output_dir: .* holds an unfinished run"):
+        train(load_config(None, kw))
+    resumed = train(load_config(None, {**kw, "batch_size": 128, "resume": "auto"}))
+    assert resumed["samples"] == first["samples"] and resumed["updates"] == first["updates"] // 2
 
 
 def test_raw_model_is_what_accelerate_unwraps(tmp_path):
