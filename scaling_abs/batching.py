@@ -143,7 +143,9 @@ class MicroBatchSampler:
             share = batch[self.rank * p.per_rank : (self.rank + 1) * p.per_rank]
             for j in range(p.accumulation):
                 micro = MicroBatch(share[j * p.micro : (j + 1) * p.micro])
-                # its first sample's stream position names it (ints hash alike in every process)
-                micro.seed = hash((self.order.seed, pos + self.rank * p.per_rank + j * p.micro)) % 2**63
+                # its first sample's stream position names it (an explicit mix, not hash(), whose
+                # value for tuples is CPython's to change)
+                first = pos + self.rank * p.per_rank + j * p.micro
+                micro.seed = (self.order.seed * 0x9E3779B97F4A7C15 + first) % 2**63
                 yield micro
             pos += p.global_batch

@@ -66,7 +66,7 @@ def format_summary(summary: dict, output_dir: str) -> str:
     share = summary["curvature_time_s"] / summary["wall_time_s"] if summary["wall_time_s"] else 0.0
     rows = [
         ("strategy / model / data", f"{summary['strategy']} / {summary['model']} / {summary['dataset']}"),
-        ("test accuracy", f"{100 * summary['test_accuracy']:.2f} %"),
+        ("test accuracy", percent(summary["test_accuracy"]) + " %"),
         ("optimizer updates", f"{summary['updates']}"),
         ("largest batch", f"{summary['max_batch_size']}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
@@ -78,6 +78,11 @@ def format_summary(summary: dict, output_dir: str) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def percent(fraction: float | None) -> str:
+    """``0.9183`` -> ``"91.83"``; None (a run interrupted before any evaluation) -> ``"n/a"``."""
+    return "n/a" if fraction is None else f"{100 * fraction:.2f}"
 
 
 def _delegate(module: str, argv: list[str]) -> int:

@@ -308,6 +308,11 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         "grad_clip",
         "hessian_tol",
         "eval_every",
+        "alpha",
+        "beta",
+        "adv_decay",
+        "warmup_epochs",
+        "adv_stop_epoch",
     ):
         _check(math.isfinite(getattr(cfg, key)), key, f"must be finite, got {getattr(cfg, key)}")
     _check(

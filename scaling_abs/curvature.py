@@ -77,7 +77,8 @@ def last_layers(model: nn.Module, n: int) -> list[nn.Parameter]:
     if n < 1:
         raise ValueError(f"last_layers: n must be >= 1, got {n}")
     owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    return [p for m in owners[-n:] for p in m.parameters(recurse=False) if p.requires_grad]
+    params = [p for m in owners[-n:] for p in m.parameters(recurse=False) if p.requires_grad]
+    return list({id(p): p for p in params}.values())  # a weight tied between two of them, once
 
 
 def resolve_block(model: nn.Module, spec: str) -> list[nn.Parameter]:

@@ -114,12 +114,16 @@ class SeededAugmentation(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Any:
         seed = getattr(indices, "seed", None)
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            if hasattr(self.dataset, "__getitems__"):
-                return self.dataset.__getitems__(indices)
-            return [self.dataset[i] for i in indices]
+        if seed is None:  # plain indices: the global generator, as without this wrapper
+            return self._fetch(indices)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only (transforms draw there)
+            torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds CUDA too
+            return self._fetch(indices)
+
+    def _fetch(self, indices: Sequence[int]) -> Any:
+        if hasattr(self.dataset, "__getitems__"):
+            return self.dataset.__getitems__(indices)
+        return [self.dataset[i] for i in indices]
 
 
 def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

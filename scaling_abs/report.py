@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from scaling_abs.cli import percent
 from scaling_abs.config import output_dir_problem
 from scaling_abs.errors import UserError
 
@@ -90,7 +91,7 @@ def summary_table(runs: list[Run]) -> str:
         lines.append(
             f"| {r.path.name}{' (interrupted)' if s.get('interrupted') else ''} | "
             f"{r.config.get('strategy', '?')} | {r.config.get('max_batch_size', '?')} | "
-            f"{100 * s['test_accuracy']:.2f} | {s['updates']:,} | {s['max_batch_size']:,} | "
+            f"{percent(s['test_accuracy'])} | {s['updates']:,} | {s['max_batch_size']:,} | "
             f"{s['wall_time_s']:.0f} | {share:.1f} |"
         )
     return "\n".join(lines)
@@ -113,7 +114,7 @@ def comparison_table(runs: list[Run]) -> str:
     for r in runs:
         m = r.config.get("strategy")
         b = int(r.config.get("batch_size" if m == "bl" else "max_batch_size", 0))
-        cell[(b, m)] = f"{100 * r.summary['test_accuracy']:.2f} / {r.summary['updates']:,}"
+        cell[(b, m)] = f"{percent(r.summary['test_accuracy'])} / {r.summary['updates']:,}"
     lines = [
         "| batch | " + " | ".join(f"{m.upper()} acc. / updates" for m in methods) + " |",
         "| --- |" + " --- |" * len(methods),

@@ -102,6 +102,7 @@ class _Preemption:
 
     def __init__(self) -> None:
         self.requested = False
+        self.finishing = False  # the outputs are being written: no signal stops that
         self.signal: str | None = None  # the first signal's name
         self._old: dict[int, Any] = {}
 
@@ -111,7 +112,7 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if self.requested and signum == signal.SIGINT:
+        if self.requested and signum == signal.SIGINT and not self.finishing:
             raise KeyboardInterrupt
         self.requested = True
         self.signal = self.signal or signal.Signals(signum).name
@@ -183,8 +184,8 @@ CHECKPOINT_CONFIG = "run_config.yaml"
 
 
 def _finished_summary(output_dir: Path, step: int | None = None) -> dict[str, Any] | None:
-    """The summary of the finished run in ``output_dir`` (of ``step`` updates, when given), or None:
-    no summary, an unreadable one, or an interrupted run."""
+    """The summary of the finished run in ``output_dir`` (of exactly ``step`` updates, when given),
+    or None: no summary, an unreadable one, or an interrupted run."""
     try:
         summary = json.loads((output_dir / "summary.json").read_text())
     except (OSError, ValueError):
@@ -625,29 +626,45 @@ class Trainer:
         return final
 
     def _start_afresh(self) -> None:
-        """A fresh run (no ``resume``) in a folder that holds a run: a finished one is replaced (its
-        checkpoints, summary, model and TensorBoard logs removed, so that nothing of it is resumed or
-        read later as this run's); an unfinished one is refused, since its checkpoints are the only
-        way to continue it."""
-        found = _checkpoints(self.out)
-        if not found:
-            return
-        if _finished_summary(self.out, int(found[-1].name[len(CHECKPOINT_PREFIX) :])) is None:
+        """A fresh run (no ``resume``) in a folder that holds a run. A finished one moves to
+        ``previous_run/`` (replacing an older one there), so that nothing of it is resumed or read
+        later as this run's, and nothing is lost if this run fails; an unfinished one is refused,
+        since its checkpoints are the only way to continue it. Decided on the main process (the
+        one that writes the folder) and shared, so every rank acts alike."""
+        acc = self.accelerator
+        decision = "none"
+        if acc.is_main_process:
+            found = _checkpoints(self.out)
+            if found:
+                done = _finished_summary(self.out)
+                # a finished run's last checkpoint may be before its end (written before the end
+                # was always checkpointed), never after it
+                last = int(found[-1].name[len(CHECKPOINT_PREFIX) :])
+                decision = "move" if done is not None and done.get("updates", -1) >= last else found[-1].name
+        decision = distributed.broadcast_object(decision)
+        if decision not in ("none", "move"):
             raise UserError(
-                f"output_dir: {self.out} holds an unfinished run (checkpoint {found[-1].name}): "
-                "resume=auto continues it; to start afresh choose another output_dir or remove that one"
+                f"output_dir: {self.out} holds an unfinished run (checkpoint {decision}): resume=auto "
+                "continues it; to start afresh choose another output_dir or remove that one"
             )
-        if self.accelerator.is_main_process:
+        if decision == "move" and acc.is_main_process:
+            previous = self.out / "previous_run"
+            shutil.rmtree(previous, ignore_errors=True)
+            previous.mkdir()
+            for name in (
+                "checkpoints",
+                "tensorboard",
+                "summary.json",
+                "model.safetensors",
+                "metrics.jsonl",
+                "config.yaml",
+            ):
+                if (self.out / name).exists():
+                    os.replace(self.out / name, previous / name)
             warnings.warn(
-                f"{self.out} held a finished run: this fresh run replaces it (its checkpoints, summary, "
-                "model and TensorBoard logs removed)",
-                stacklevel=3,
+                f"{self.out} held a finished run: moved to {previous} for this fresh run", stacklevel=3
             )
-            for path in (self.out / "checkpoints", self.out / "tensorboard"):
-                shutil.rmtree(path, ignore_errors=True)
-            for path in (self.out / "summary.json", self.out / "model.safetensors"):
-                path.unlink(missing_ok=True)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
 
     def _resume(self) -> Path | None:
         cfg = self.cfg
@@ -703,8 +720,12 @@ class Trainer:
         acc, cfg, state = self.accelerator, self.cfg, self.state
         resumed = self._resume()
         if resumed is not None and state.samples >= self.total_samples:
-            done = _finished_summary(self.out, state.step)
-            if done is not None:  # resume=auto on a finished run: nothing to train or write
+            # resume=auto on a finished run: nothing to train or write (the main process reads the
+            # folder; every rank returns alike)
+            done = distributed.broadcast_object(
+                _finished_summary(self.out, state.step) if acc.is_main_process else None
+            )
+            if done is not None:
                 return done
         self._open_logs()
         if resumed is not None:
@@ -806,6 +827,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             # still under the handler: a signal now waits until the outputs are written
+            preempt.finishing = True
             return self._finish(interrupted, preempt.signal if interrupted else None)
 
     def _finish(self, interrupted: bool, interrupt_signal: str | None = None) -> dict[str, Any]:
@@ -817,7 +839,7 @@ class Trainer:
         if last is not None and (last[0] == state.step or interrupted):
             eval_step, final_eval = last
         elif interrupted:
-            eval_step, final_eval = None, {"test_accuracy": math.nan, "test_loss": math.nan}
+            eval_step, final_eval = None, {"test_accuracy": None, "test_loss": None}  # JSON null
         else:
             eval_step, final_eval = state.step, self.evaluate()
         summary = {
@@ -869,7 +891,7 @@ class Trainer:
         aborted at exit otherwise: DESIGN pitfalls)."""
         self.accelerator.wait_for_everyone()
         self._loader_iter = None
-        self.model = self.optimizer = self.engine = None
+        self.model = self.optimizer = self.engine = self._raw_model = None
         self.accelerator.free_memory()
         gc.collect()
 
@@ -921,7 +943,7 @@ def _check_input_fits(model: torch.nn.Module, cfg: TrainConfig, data: DataBundle
     try:
         with torch.no_grad():
             model.eval()(x)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # torch's shape errors; transformers' size check
         first = str(e).strip().splitlines()[0]
         raise UserError(
             f"model: {cfg.model} does not take {cfg.dataset}'s {data.in_channels}x{data.image_size}x"

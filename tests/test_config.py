@@ -93,6 +93,10 @@ def test_paper_presets_check_once_per_epoch(preset):
         ("hessian_warm_start=perhaps", "hessian_warm_start"),
         ("hessian_precision=fp8", "hessian_precision"),
         ("hessian_precision=yes", "hessian_precision"),
+        ("alpha=.inf", "alpha"),
+        ("beta=inf", "beta"),
+        ("warmup_epochs=.nan", "warmup_epochs"),
+        ("adv_stop_epoch=nan", "adv_stop_epoch"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -636,3 +636,14 @@ def test_bn_mode_train_keeps_dropout_off():
     evaluated = top_eigenvalue(model, cross_entropy_loss, [(x, y)], **{**kw, "bn_mode": "eval"}).eigenvalue
     assert one == pytest.approx(two, rel=1e-9) and one == pytest.approx(fresh, rel=1e-9)
     assert one == pytest.approx(evaluated, rel=1e-9)  # no BatchNorm here: the same Hessian
+
+
+def test_last_layers_lists_a_tied_weight_once():
+    torch.manual_seed(0)
+    embed, head = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    head.weight = embed.weight
+    model = nn.Sequential(nn.Linear(4, 4), embed, nn.Tanh(), head)
+    params = last_layers(model, 2)
+    assert len(params) == 1 and params[0] is embed.weight
+    x, y = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    assert top_eigenvalue(model, cross_entropy_loss, [(x, y)], params=params).finite

@@ -123,3 +123,33 @@ def test_tensor_dataset_with_augmentation_is_per_sample():
     )
     x, y = ds.__getitems__([0, 1, 2])
     assert x.shape == (3, 3, 32, 32) and y.tolist() == [0, 1, 2]
+
+
+def test_seeded_augmentation_is_a_function_of_the_micro_batch_seed():
+    """The same crops for the same seed in the main process and in DataLoader workers alike, and
+    the process's global generator untouched (what makes a resumed run draw the same crops)."""
+    from scaling_abs.batching import MicroBatch
+    from scaling_abs.data import SeededAugmentation, TensorImageDataset, _transforms, collate_batch
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=g)
+    data = SeededAugmentation(
+        TensorImageDataset(images, torch.arange(16) % 10, _transforms("crop_flip", 28, True))
+    )
+
+    def micro(seed, idx):
+        m = MicroBatch(idx)
+        m.seed = seed
+        return m
+
+    state = torch.get_rng_state()
+    a, b, c = (data.__getitems__(micro(s, list(range(8))))[0] for s in (7, 7, 8))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    batches = [micro(s, list(range(i, i + 4))) for s, i in ((1, 0), (2, 4), (3, 8), (4, 12))]
+    loaders = [
+        torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=w, collate_fn=collate_batch)
+        for w in (0, 2)
+    ]
+    for (x0, _), (x2, _) in zip(*loaders):
+        assert torch.equal(x0, x2)

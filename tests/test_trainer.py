@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -344,7 +345,7 @@ def test_ctrl_c_checkpoints_like_sigterm_and_the_exit_code_says_so(tmp_path, mon
     assert interrupted_exit_code({**summary, "interrupt_signal": "SIGTERM"}) == 143
     assert interrupted_exit_code({"interrupted": False}) == 0
     # no evaluation at the stop (a grace period is short): the summary has the last one, if any
-    assert summary["evaluated_at_step"] is None and math.isnan(summary["test_accuracy"])
+    assert summary["evaluated_at_step"] is None and summary["test_accuracy"] is None  # JSON null
 
 
 def test_a_signal_while_the_outputs_are_written_waits_for_them(tmp_path, monkeypatch):
@@ -469,16 +470,24 @@ def test_a_fresh_run_replaces_a_finished_one_and_refuses_an_unfinished_one(tmp_p
     # resume=auto on the finished run: its summary, no work and no writes
     assert train(load_config(None, {**kw, "resume": "auto"})) == first
     assert (out / "metrics.jsonl").read_text() == metrics
-    # a fresh run with other settings replaces it
-    with pytest.warns(UserWarning, match="held a finished run"):
+    # a fresh run with other settings moves it to previous_run/
+    with pytest.warns(UserWarning, match="held a finished run: moved to"):
         _preempted_at(2, load_config(None, {**kw, "batch_size": 128}), monkeypatch)
-    assert [p.name for p in _checkpoints(out)] == ["step_2"]  # the finished run's are gone
+    assert [p.name for p in _checkpoints(out)] == ["step_2"]  # the finished run's are not among them
     assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+    assert json.loads((out / "previous_run" / "summary.json").read_text()) == first
+    assert _checkpoints(out / "previous_run")[-1].name == f"step_{first['updates']}"
     # ... and that interrupted run is not replaced by another fresh one
     with pytest.raises(UserError, match="^output_dir: .* holds an unfinished run"):
         train(load_config(None, kw))
     resumed = train(load_config(None, {**kw, "batch_size": 128, "resume": "auto"}))
     assert resumed["samples"] == first["samples"] and resumed["updates"] == first["updates"] // 2
+    # a finished run whose last checkpoint is before its end (older code did not always write one
+    # there) is still a finished run
+    for ckpt in _checkpoints(out)[1:]:
+        shutil.rmtree(ckpt)
+    with pytest.warns(UserWarning, match="held a finished run"):
+        train(load_config(None, kw))
 
 
 def test_raw_model_is_what_accelerate_unwraps(tmp_path):
