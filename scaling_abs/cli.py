@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import warnings
+from pathlib import Path
 
 from scaling_abs.errors import UserError
 
@@ -100,7 +102,25 @@ COMMANDS = {
 }
 
 
+def _one_line_warnings() -> None:
+    """Our own warnings as ``scaling-abs: warning: ...`` (one line, no source line); other
+    libraries' keep Python's format, with the file that raised them."""
+    package = Path(__file__).resolve().parent
+    default = warnings.formatwarning
+    if getattr(default, "scaling_abs", False):  # installed already (main called again in-process)
+        return
+
+    def fmt(message, category, filename, lineno, line=None):
+        if Path(filename).resolve().is_relative_to(package):
+            return f"scaling-abs: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    fmt.scaling_abs = True
+    warnings.formatwarning = fmt
+
+
 def main(argv: list[str] | None = None) -> int:
+    _one_line_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]  # `scaling-abs` alone runs the embedded default

@@ -41,6 +41,11 @@ from scaling_abs.errors import UserError
 from scaling_abs.models import build_model, count_parameters, model_default_augmentation
 from scaling_abs.schedules import build_schedule
 
+try:  # the output_dir's lock; elsewhere than on Linux and macOS a second run is not detected
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 CHECKPOINT_PREFIX = "step_"
 # Accelerate names registered objects' files by their order: schedule, TrainState, CurvatureState
 CURVATURE_STATE_FILE = "custom_checkpoint_2.pkl"
@@ -301,6 +306,7 @@ class Trainer:
         self._metrics = None
         self._tb = None
         self._last_eval: tuple[int, dict[str, float]] | None = None  # (step, evaluate())
+        self._lock = None  # output_dir/.lock, held from fit() to close()
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -366,7 +372,10 @@ class Trainer:
             except ImportError:  # tensorboard is optional
                 self._tb = None
             else:
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+                # resumed: TensorBoard drops what the old event files hold past the checkpoint (a
+                # run killed after it logged further), as metrics.jsonl's records are dropped above
+                purge = self.state.samples + 1 if self.state.samples else None
+                self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=purge)
 
     # -- one optimizer step ----------------------------------------------------------------
     def _on_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -666,6 +675,34 @@ class Trainer:
             )
         acc.wait_for_everyone()
 
+    def _claim_output_dir(self) -> None:
+        """One run per folder at a time: the main process holds an exclusive lock on
+        ``output_dir/.lock`` while the run is open (the system releases it when the process ends,
+        however it ends), and a second run there is refused. It also clears checkpoint folders that
+        a killed run left half-written (``.tmp-step_N``: never read, only in the way)."""
+        acc = self.accelerator
+        busy = None
+        if acc.is_main_process and fcntl is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock = open(self.out / ".lock", "a+")  # noqa: SIM115 (held until close())
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.seek(0)
+                busy = lock.read().strip() or "another process"
+                lock.close()
+            else:
+                lock.seek(0)
+                lock.truncate()
+                lock.write(f"pid {os.getpid()}\n")
+                lock.flush()
+                self._lock = lock
+                for tmp in (self.out / "checkpoints").glob(f".tmp-{CHECKPOINT_PREFIX}*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+        busy = distributed.broadcast_object(busy)
+        if busy:
+            raise UserError(f"output_dir: {self.out} is in use by another run ({busy})")
+
     def _resume(self) -> Path | None:
         cfg = self.cfg
         if not cfg.resume:
@@ -718,6 +755,7 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         acc, cfg, state = self.accelerator, self.cfg, self.state
+        self._claim_output_dir()
         resumed = self._resume()
         if resumed is not None and state.samples >= self.total_samples:
             # resume=auto on a finished run: nothing to train or write (the main process reads the
@@ -892,6 +930,9 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self._loader_iter = None
         self.model = self.optimizer = self.engine = self._raw_model = None
+        if self._lock is not None:
+            self._lock.close()  # releases the output_dir's lock
+            self._lock = None
         self.accelerator.free_memory()
         gc.collect()
 

@@ -102,3 +102,14 @@ def test_a_keyboard_interrupt_outside_the_loop_is_one_line_and_130(monkeypatch, 
     assert cli.main(["train"]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
+
+
+def test_our_warnings_are_one_line_on_the_command_line(tmp_path):
+    # a batch with no divisor near micro_batch_size: the trainer warns once
+    proc = cli(
+        "train", "model=mlp", "strategy=bl", "limit_train_samples=254", "epochs=1", "batch_size=127",
+        "max_batch_size=127", "micro_batch_size=64", "progress=false", f"output_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = [line for line in proc.stderr.splitlines() if "micro-batches of 1" in line]
+    assert len(ours) == 1 and ours[0].startswith("scaling-abs: warning: batch 127 runs as 127")

@@ -639,3 +639,43 @@ def test_deepspeed_zero3_two_processes_train_like_one_plain_process(tmp_path):
     torch.testing.assert_close(torch.tensor(eig_zero3), torch.tensor(eig_plain), rtol=1e-4, atol=0.0)
     # model.safetensors holds the gathered weights, not the ranks' shards
     assert_close(w_plain, load_file(str(out / "model.safetensors")), rtol=1e-4)
+
+
+def test_one_run_per_output_dir_at_a_time(tmp_path):
+    """A second run in a folder that a run holds is refused (two at once wrote one metrics.jsonl
+    with duplicated steps); half-written checkpoint folders a kill left are cleared."""
+    import fcntl
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".tmp-step_7").mkdir(parents=True)
+    holder = open(out / ".lock", "a+")  # another run holding the folder
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder.write("pid 12345\n")
+    holder.flush()
+    with pytest.raises(UserError, match=r"^output_dir: .* is in use by another run \(pid 12345\)"):
+        train(load_config(None, {**BASE, "output_dir": str(out)}))
+    holder.close()  # that run ended
+    train(load_config(None, {**BASE, "output_dir": str(out)}))
+    assert not (out / "checkpoints" / ".tmp-step_7").exists()
+    train(load_config(None, {**BASE, "output_dir": str(out), "resume": "auto"}))  # released at close
+
+
+def test_a_resumed_run_drops_tensorboard_events_past_its_checkpoint(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = tmp_path / "run"
+    kw = {**BASE, "tensorboard": True, "output_dir": str(out)}
+    first = _preempted_at(3, load_config(None, kw), monkeypatch)
+    # a run killed after it logged past its last checkpoint (as kill -9 leaves it)
+    ghost = SummaryWriter(str(out / "tensorboard"))
+    ghost.add_scalar("step/loss", -1.0, first["samples"] + 64)
+    ghost.close()
+    train(load_config(None, {**kw, "resume": "auto"}))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("step/loss")
+    assert all(e.value >= 0 for e in losses)  # the ghost is gone
+    steps = [e.step for e in losses]
+    assert steps == sorted(set(steps))
