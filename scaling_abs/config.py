@@ -415,6 +415,11 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         "augmentation",
         f"unknown augmentation {cfg.augmentation!r}",
     )
+    _check(
+        cfg.augmentation != "resized_crop_flip" or cfg.dataset == "imagenet",
+        "augmentation",
+        "resized_crop_flip (ImageNet's 224-pixel crops) is for dataset=imagenet; take none or crop_flip",
+    )
     _check(cfg.limit_train_samples >= 0, "limit_train_samples", "must be >= 0")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")

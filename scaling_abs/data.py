@@ -133,6 +133,13 @@ def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return default_collate(batch)
 
 
+RESIZED_CROP = 224  # resized_crop_flip's training crop and evaluation centre crop
+RESIZED_CROP_ONLY = (
+    "augmentation: resized_crop_flip (ImageNet's 224-pixel crops, with a resized centre crop for its "
+    "validation images) is for dataset=imagenet; other data sets take none or crop_flip"
+)
+
+
 def _transforms(augmentation: str, image_size: int, train: bool):
     """The paper's augmentation (torchvision transforms v2) on float images in [0, 1]."""
     from torchvision.transforms import v2
@@ -145,8 +152,8 @@ def _transforms(augmentation: str, image_size: int, train: bool):
         )
     if augmentation == "resized_crop_flip":
         if train:
-            return v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])
-        return v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])
+            return v2.Compose([v2.RandomResizedCrop(RESIZED_CROP, antialias=True), v2.RandomHorizontalFlip()])
+        return v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(RESIZED_CROP)])
     raise UserError(f"augmentation: unknown augmentation {augmentation!r}")
 
 
@@ -374,6 +381,8 @@ def build_dataset(
     """The named data set as a :class:`DataBundle` (train/test sets, classes, channels, size, mean/std)."""
     if data_dir and not Path(data_dir).exists():
         raise UserError(f"data_dir: no such directory: {data_dir}")
+    if augmentation == "resized_crop_flip" and name != "imagenet":
+        raise UserError(RESIZED_CROP_ONLY)
     if name.startswith("hf:"):
         train, test, classes, channels, size = _hf(
             name[3:], data_dir, augmentation, image_column, label_column

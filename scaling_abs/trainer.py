@@ -955,7 +955,13 @@ def _own_forward(model: torch.nn.Module):
 
 def build_data_and_model(cfg: TrainConfig) -> tuple[DataBundle, torch.nn.Module]:
     """The run's data set and its (freshly initialised) model, as :class:`Trainer` builds them."""
-    aug = model_default_augmentation(cfg.model) if cfg.augmentation == "auto" else cfg.augmentation
+    aug = cfg.augmentation
+    if aug == "auto":
+        aug = model_default_augmentation(cfg.model)
+        if aug == "resized_crop_flip" and cfg.dataset != "imagenet":
+            # ImageNet's 224-pixel crops fit ImageNet's folders only: other images get the paper's
+            # augmentation for small images (trained at 224, tested at their own size before)
+            aug = "crop_flip"
     data = build_dataset(
         cfg.dataset,
         data_dir=cfg.data_dir or None,

@@ -153,3 +153,18 @@ def test_seeded_augmentation_is_a_function_of_the_micro_batch_seed():
     ]
     for (x0, _), (x2, _) in zip(*loaders):
         assert torch.equal(x0, x2)
+
+
+def test_imagenet_crops_are_for_imagenet_only():
+    from scaling_abs.config import load_config
+    from scaling_abs.errors import ConfigError
+    from scaling_abs.trainer import build_data_and_model
+
+    with pytest.raises(ConfigError, match="^augmentation: resized_crop_flip"):
+        load_config(None, ["augmentation=resized_crop_flip"])
+    with pytest.raises(UserError, match="^augmentation: resized_crop_flip"):
+        build_dataset("fashion_mnist", augmentation="resized_crop_flip")
+    # auto: an ImageNet model on other images gets crop + flip, at the images' own size
+    data, _ = build_data_and_model(load_config(None, ["model=i3", "limit_train_samples=64"]))
+    x, _ = data.train.__getitems__(list(range(4)))
+    assert x.shape[-1] == data.image_size == 28
