@@ -232,11 +232,20 @@ class AdaptiveBatchSize(Schedule):
         lr_decay_epochs: Sequence[float] = (),
         adv_stop_epoch: float | None = None,
         lr_poly: tuple[float, float, float] | None = None,
+        multiple_of: int = 1,
     ):
         _check_batch(batch_size, max_batch_size)
         _check_decay(lr_decay, lr_decay_epochs)
         _check_poly(lr_poly)
         self.lr_poly = lr_poly
+        if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+            raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
+        if batch_size % multiple_of or max_batch_size % multiple_of:
+            raise ValueError(
+                f"batch_size ({batch_size}) and max_batch_size ({max_batch_size}) must be multiples of "
+                f"multiple_of ({multiple_of})"
+            )
+        self.multiple_of = multiple_of
         # written so that NaN fails too
         if not 1 < alpha < math.inf:
             raise ValueError(f"alpha must be a finite number > 1, got {alpha}")
@@ -275,8 +284,10 @@ class AdaptiveBatchSize(Schedule):
         return self.batch_size < self.max_batch_size
 
     def _grow(self) -> None:
-        # at least one sample more: a beta close to 1 would otherwise round back to the same batch
+        # at least one sample more (a beta close to 1 would otherwise round back to the same batch),
+        # rounded up to a multiple of multiple_of (the process count: each takes an equal share)
         grown = max(int(round(self.batch_size * self.beta)), self.batch_size + 1)
+        grown = -(-grown // self.multiple_of) * self.multiple_of
         self.batch_size = min(grown, self.max_batch_size)
         self.adv_fraction = (
             0.0 if self.batch_size >= self.max_batch_size else self.adv_fraction / self.adv_decay
@@ -353,10 +364,12 @@ def build_schedule(
     adv_stop_epoch: float | None = None,
     lr_scaling: str = "linear",
     lr_poly: tuple[float, float, float] | None = None,
+    multiple_of: int = 1,
 ) -> Schedule:
     """The strategy by name. FB trains at ``max_batch_size`` with ``batch_size`` as the LR's
     reference batch; ABS is ABSA with no adversarial examples. ``lr_poly`` replaces the step decays
-    with a polynomial one."""
+    with a polynomial one. ``multiple_of``: ABS's grown batches stay multiples of it (the process
+    count; GG's are multiples of the initial batch already)."""
     if strategy == "bl":
         return ConstantBatch(batch_size, lr_decay=lr_decay, lr_decay_epochs=lr_decay_epochs, lr_poly=lr_poly)
     if strategy == "fb":
@@ -386,5 +399,6 @@ def build_schedule(
             lr_decay_epochs=lr_decay_epochs,
             adv_stop_epoch=adv_stop_epoch,
             lr_poly=lr_poly,
+            multiple_of=multiple_of,
         )
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

@@ -241,6 +241,7 @@ class Trainer:
             adv_stop_epoch=cfg.resolved_adv_stop_epoch,
             lr_scaling=cfg.lr_scaling,
             lr_poly=cfg.resolved_lr_poly,
+            multiple_of=world,
         )
         first = self.schedule.at(0.0)
         self.plan = make_plan(first.batch_size, cfg.micro_batch_size, world)

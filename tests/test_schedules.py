@@ -219,3 +219,17 @@ def test_errors_name_the_argument_given():
     state = {**s.state_dict(), "batch_size": -5}
     with pytest.raises(ValueError, match="outside"):
         s.load_state_dict(state)
+
+
+def test_abs_grown_batches_split_over_the_processes():
+    # a non-integer beta: 128 * 1.1 = 140.8 -> 141, which 2 processes cannot share; 142 they can
+    s = AdaptiveBatchSize(128, 1024, beta=1.1, kappa=1, multiple_of=2)
+    s.observe(10.0)
+    assert s.observe(9.0) and s.batch_size == 142
+    sizes = []
+    for _ in range(3):
+        s.observe(9.0)
+        sizes.append(s.batch_size)
+    assert sizes == [156, 172, 190]  # 142 * 1.1 = 156.2 -> 156, 171.6 -> 172, 189.2 -> 189 -> 190
+    with pytest.raises(ValueError, match="multiples of multiple_of"):
+        AdaptiveBatchSize(127, 1024, multiple_of=2)
