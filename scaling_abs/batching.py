@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from scaling_abs.errors import is_whole
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -46,7 +48,7 @@ def make_plan(global_batch: int, micro_batch_size: int, world_size: int = 1) -> 
         ("micro_batch_size", micro_batch_size),
         ("world_size", world_size),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_whole(value, 1):
             raise ValueError(f"make_plan: {name} must be an integer > 0, got {value!r}")
     if global_batch % world_size:
         raise ValueError(f"batch_size {global_batch} is not divisible by {world_size} processes")

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaling_abs.config import STRATEGIES, load_config, output_dir_problem
+from scaling_abs.config import STRATEGIES, check_output_dir, load_config
 from scaling_abs.errors import UserError
 
 DEFAULT_SIZES = (128, 512, 2048, 8192, 32768)
@@ -195,9 +195,7 @@ def main(argv: list[str]) -> int:
     for c in cells:
         load_config(args.config, [*c.overrides, *args.overrides])
     out = Path(args.out)
-    problem = output_dir_problem(out)
-    if problem:
-        raise UserError(f"--out: {problem}")
+    check_output_dir(out, "--out")
     commands = {c.name: _command(args.config, c, out, args.overrides) for c in cells}
     if args.dry_run:
         for c in cells:

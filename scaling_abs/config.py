@@ -266,21 +266,19 @@ def load_config(
     return cfg
 
 
-def output_dir_problem(path: str | Path) -> str | None:
-    """Why ``path`` cannot be (made) a folder for a run's output, or None: an existing file there or
-    in its way. Checked before any work, so a typo does not cost a run (a permission problem still
-    shows when the folder is made)."""
+SEED_LIMIT = 2**32  # seeds are in [0, SEED_LIMIT): NumPy's range
+
+
+def check_output_dir(path: str | Path, key: str) -> None:
+    """ConfigError naming ``key`` when ``path`` cannot be (made) a folder for a run's output: an
+    existing file there or in its way. Checked before any work, so a typo does not cost a run (a
+    permission problem still shows when the folder is made)."""
     for p in (Path(path), *Path(path).parents):
         if p.exists():
-            if p.is_dir():
-                return None
-            return f"{p} is a file, not a folder" + ("" if p == Path(path) else f" (on the way to {path})")
-    return None
-
-
-def _is_count(text: str) -> bool:
-    """ASCII digits only (``str.isdigit`` also takes superscripts, which ``int`` refuses)."""
-    return text.isascii() and text.isdigit()
+            if not p.is_dir():
+                way = "" if p == Path(path) else f" (on the way to {path})"
+                raise ConfigError(f"{key}: {p} is a file, not a folder{way}")
+            return
 
 
 def _check(ok: bool, key: str, problem: str) -> None:
@@ -293,8 +291,8 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     except for ``deepspeed`` and an explicit ``data_dir`` (both must exist), ``resume`` (a folder)
     and ``output_dir`` (a folder, or creatable as one)."""
     from scaling_abs import models  # registry names; cheap import
-    from scaling_abs.curvature import SOLVERS
-    from scaling_abs.data import DATASETS
+    from scaling_abs.curvature import SOLVERS, parse_block
+    from scaling_abs.data import DATASETS, RESIZED_CROP_ONLY
 
     for key in (
         "lr",
@@ -381,12 +379,10 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
         "hessian_checkpoint",
         "excludes hessian_reuse_graph=true (a checkpointed product keeps no graph)",
     )
-    block = cfg.hessian_block
-    _check(
-        block == "all" or (block.startswith("last:") and _is_count(block[5:]) and int(block[5:]) > 0),
-        "hessian_block",
-        f"expected all or last:N with N > 0, got {block!r}",
-    )
+    try:
+        parse_block(cfg.hessian_block)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check(
         cfg.hessian_solver in SOLVERS,
         "hessian_solver",
@@ -418,7 +414,7 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     _check(
         cfg.augmentation != "resized_crop_flip" or cfg.dataset == "imagenet",
         "augmentation",
-        "resized_crop_flip (ImageNet's 224-pixel crops) is for dataset=imagenet; take none or crop_flip",
+        RESIZED_CROP_ONLY,
     )
     _check(cfg.limit_train_samples >= 0, "limit_train_samples", "must be >= 0")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
@@ -426,13 +422,12 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     _check(cfg.eval_every > 0, "eval_every", f"must be > 0, got {cfg.eval_every}")
     _check(cfg.num_workers >= 0, "num_workers", "must be >= 0")
     _check(
-        0 <= cfg.seed < 2**32,
+        0 <= cfg.seed < SEED_LIMIT,
         "seed",
         f"must be in [0, 2**32) (NumPy's and most seeders' range), got {cfg.seed}",
     )
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
-    problem = output_dir_problem(cfg.output_dir)
-    _check(problem is None, "output_dir", problem or "")
+    check_output_dir(cfg.output_dir, "output_dir")
     if cfg.deepspeed:
         _check(os.path.isfile(cfg.deepspeed), "deepspeed", f"no such DeepSpeed config file: {cfg.deepspeed}")
     if cfg.data_dir:

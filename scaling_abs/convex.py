@@ -43,7 +43,7 @@ from torch import nn
 from scaling_abs import curvature
 from scaling_abs.adversarial import mix_adversarial
 from scaling_abs.batching import SampleOrder
-from scaling_abs.config import output_dir_problem
+from scaling_abs.config import SEED_LIMIT, check_output_dir
 from scaling_abs.errors import UserError
 from scaling_abs.schedules import AdaptiveBatchSize
 
@@ -313,11 +313,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--check-every must be >= 1, got {args.check_every}")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise UserError(f"--data-dir: no such directory: {args.data_dir}")
-    if not 0 <= args.seed < 2**32:
+    if not 0 <= args.seed < SEED_LIMIT:
         raise UserError(f"--seed must be in [0, 2**32), got {args.seed}")
-    problem = output_dir_problem(args.out)
-    if problem:  # now, not after the run
-        raise UserError(f"--out: {problem}")
+    check_output_dir(args.out, "--out")  # now, not after the run
     cfg = ConvexConfig(
         classes=tuple(args.classes), data_dir=args.data_dir, iterations=args.iterations, lr=args.lr,
         check_every=args.check_every, seed=args.seed,

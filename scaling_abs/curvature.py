@@ -34,6 +34,7 @@ from torch import nn
 
 from scaling_abs import _second_order, _segmented, distributed
 from scaling_abs._segmented import Chain, _acc, _cross_entropy_head, units_of  # noqa: F401 (Chain, units_of: public here)
+from scaling_abs.errors import is_whole
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 METHODS = ("auto", "double_backward", "forward_over_reverse")
@@ -81,14 +82,21 @@ def last_layers(model: nn.Module, n: int) -> list[nn.Parameter]:
     return list({id(p): p for p in params}.values())  # a weight tied between two of them, once
 
 
+def parse_block(spec: str) -> int | None:
+    """``"all"`` -> None, ``"last:N"`` -> N (> 0); anything else a ValueError naming hessian_block.
+    ASCII digits only: ``str.isdigit`` also takes superscripts, which ``int`` refuses."""
+    count = spec[5:]
+    if spec == "all":
+        return None
+    if spec.startswith("last:") and count.isascii() and count.isdigit() and int(count) > 0:
+        return int(count)
+    raise ValueError(f"hessian_block: expected all or last:N with N > 0, got {spec!r}")
+
+
 def resolve_block(model: nn.Module, spec: str) -> list[nn.Parameter]:
     """``"all"`` (every trainable parameter) or ``"last:N"`` (see :func:`last_layers`)."""
-    if spec == "all":
-        return [p for p in model.parameters() if p.requires_grad]
-    count = spec[5:]
-    if spec.startswith("last:") and count.isascii() and count.isdigit() and int(count) > 0:
-        return last_layers(model, int(spec[5:]))
-    raise ValueError(f"hessian_block: expected all or last:N, got {spec!r}")
+    n = parse_block(spec)
+    return [p for p in model.parameters() if p.requires_grad] if n is None else last_layers(model, n)
 
 
 @contextlib.contextmanager
@@ -316,9 +324,8 @@ def grad_and_hvp(
 
 def _grad_and_hvp(model, loss_fn, batch, params, vector, autocast_dtype, method, rules: bool):
     """:func:`grad_and_hvp` with ``rules`` resolved and ``vector`` as it is (no fp16 unit vector:
-    :class:`HessianOperator` makes it once per product, for all its micro-batches)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    :class:`HessianOperator` makes it once per product, for all its micro-batches). ``method`` was
+    checked by the caller (:func:`_check_method_and_dtype`)."""
     device = params[0].device
     args = (model, loss_fn, batch, params, vector, autocast_dtype)
     if method == "double_backward":
@@ -396,7 +403,7 @@ def _check_method_and_dtype(method: str, autocast_dtype: torch.dtype | None) -> 
 
 
 def _check_iteration_settings(max_iter: Any, tol: Any) -> None:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+    if not is_whole(max_iter, 1):
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")

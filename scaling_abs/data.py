@@ -135,8 +135,8 @@ def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 RESIZED_CROP = 224  # resized_crop_flip's training crop and evaluation centre crop
 RESIZED_CROP_ONLY = (
-    "augmentation: resized_crop_flip (ImageNet's 224-pixel crops, with a resized centre crop for its "
-    "validation images) is for dataset=imagenet; other data sets take none or crop_flip"
+    "resized_crop_flip (ImageNet's 224-pixel crops, with a resized centre crop for its validation "
+    "images) is for dataset=imagenet; other data sets take none or crop_flip"
 )
 
 
@@ -382,7 +382,7 @@ def build_dataset(
     if data_dir and not Path(data_dir).exists():
         raise UserError(f"data_dir: no such directory: {data_dir}")
     if augmentation == "resized_crop_flip" and name != "imagenet":
-        raise UserError(RESIZED_CROP_ONLY)
+        raise UserError(f"augmentation: {RESIZED_CROP_ONLY}")
     if name.startswith("hf:"):
         train, test, classes, channels, size = _hf(
             name[3:], data_dir, augmentation, image_column, label_column

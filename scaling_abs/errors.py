@@ -11,3 +11,9 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A bad configuration key or value; the message names the key."""
+
+
+def is_whole(value: object, minimum: int) -> bool:
+    """An ``int`` (not a ``bool``, not a float that happens to be whole) of at least ``minimum``:
+    the shared test behind the library's integer arguments (batch sizes, counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from scaling_abs.cli import percent
-from scaling_abs.config import output_dir_problem
+from scaling_abs.config import check_output_dir
 from scaling_abs.errors import UserError
 
 
@@ -206,9 +206,7 @@ def main(argv: list[str]) -> int:
     if not dirs:
         raise UserError("report: give one or more run folders")
     out = out or Path(dirs[0]).parent / "report"
-    problem = output_dir_problem(out)
-    if problem:
-        raise UserError(f"--out: {problem}")
+    check_output_dir(out, "--out")
     runs = [load_run(d) for d in dirs]
     out.mkdir(parents=True, exist_ok=True)
     text = "## Runs\n\n" + summary_table(runs) + "\n\n## Paper layout\n\n" + comparison_table(runs) + "\n"

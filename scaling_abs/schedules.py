@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from scaling_abs.errors import is_whole
+
 LR_RULES = ("linear", "sqrt", "none")
 
 
@@ -84,7 +86,7 @@ def _check_batch(
 ) -> None:
     small, large = names
     for name, value in ((small, batch_size), (large, max_batch_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        if value is not None and not is_whole(value, 1):
             raise ValueError(f"{name} must be an integer > 0, got {value!r}")
     if max_batch_size is not None and max_batch_size < batch_size:
         raise ValueError(f"{large} ({max_batch_size}) must be >= {small} ({batch_size})")
@@ -238,7 +240,7 @@ class AdaptiveBatchSize(Schedule):
         _check_decay(lr_decay, lr_decay_epochs)
         _check_poly(lr_poly)
         self.lr_poly = lr_poly
-        if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        if not is_whole(multiple_of, 1):
             raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
         if batch_size % multiple_of or max_batch_size % multiple_of:
             raise ValueError(
