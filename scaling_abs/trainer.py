@@ -39,6 +39,7 @@ from scaling_abs.config import TrainConfig, dump_config, validate
 from scaling_abs.data import DataBundle, SeededAugmentation, build_dataset, collate_batch
 from scaling_abs.errors import UserError
 from scaling_abs.models import build_model, count_parameters, model_default_augmentation
+from scaling_abs.report import read_records, read_summary
 from scaling_abs.schedules import build_schedule
 
 try:  # the output_dir's lock; elsewhere than on Linux and macOS a second run is not detected
@@ -192,10 +193,10 @@ def _finished_summary(output_dir: Path, step: int | None = None) -> dict[str, An
     """The summary of the finished run in ``output_dir`` (of exactly ``step`` updates, when given),
     or None: no summary, an unreadable one, or an interrupted run."""
     try:
-        summary = json.loads((output_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+        summary = read_summary(output_dir)
+    except UserError:
         return None
-    if not isinstance(summary, dict) or summary.get("interrupted", True):
+    if summary.get("interrupted", True):
         return None
     return summary if step is None or summary.get("updates") == step else None
 
@@ -352,20 +353,9 @@ class Trainer:
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
             # A resumed run replays the steps after its checkpoint: drop their old records.
-            keep, damaged = [], 0
-            for line in metrics.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short when the run was killed mid-write
-                    damaged += bool(line.strip())
-                    continue
-                if isinstance(record, dict) and record.get("samples", 0) <= self.state.samples:
-                    keep.append(line)
-            if damaged:
-                warnings.warn(
-                    f"{metrics}: dropped {damaged} damaged line(s) (a run killed mid-write?)", stacklevel=2
-                )
-            metrics.write_text("".join(line + "\n" for line in keep))
+            # (and a line cut short when the run was killed mid-write, with a warning)
+            keep = [r for r in read_records(metrics) if r.get("samples", 0) <= self.state.samples]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self._metrics = open(self.out / "metrics.jsonl", "a")
         if self.cfg.tensorboard:
             try:

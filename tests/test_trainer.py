@@ -446,7 +446,7 @@ def test_resume_errors_a_user_can_cause(tmp_path):
     first = train(load_config(None, kw))
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"kind": "st')
-    with pytest.warns(UserWarning, match="dropped 1 damaged line"):
+    with pytest.warns(UserWarning, match="skipped 1 damaged line"):
         again = train(load_config(None, {**kw, "epochs": 0.25, "resume": "auto"}))
     assert again["updates"] == 2 * first["updates"]
     assert all(line.endswith("}") for line in (out / "metrics.jsonl").read_text().splitlines())
