@@ -25,7 +25,7 @@ $(FMNIST):
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
 
 demo: $(STAMP) data
-	$(BIN)/scaling-abs train
+	$(BIN)/scaling-abs train --config demo
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest -q

@@ -2,15 +2,16 @@
 Hessian batches of each size, on the same weights, along a real training run, with what each size
 costs.
 
-    .venv/bin/python benchmarks/bench_hessian_samples.py                          # embedded default, 4 epochs
+    .venv/bin/python benchmarks/bench_hessian_samples.py                          # demo preset, 4 epochs
     .venv/bin/python benchmarks/bench_hessian_samples.py --sizes 256 1024 --draws 6 epochs=2
 
-The run trains with the given config (the embedded default unless overridden); its own checks drive
-the schedule as usual. At the checks named by ``--at`` (0 = the first), before the check, it draws
-``--draws`` independent Hessian batches of every size in ``--sizes`` from the training set (seeded,
-without replacement within a batch) and estimates each one's top eigenvalue with Lanczos to a tight
-tolerance (up to 20 products, tol 1e-4), so the spread is the batch's and not the solver's. Per
-(check, size): mean, coefficient of variation (std / mean), max / min, and seconds per estimate.
+The run trains with the given config (the demo preset: the embedded default with four checks an
+epoch, unless overridden); its own checks drive the schedule as usual. At the checks named by
+``--at`` (0 = the first), before the check, it draws ``--draws`` independent Hessian batches of
+every size in ``--sizes`` from the training set (seeded, without replacement within a batch) and
+estimates each one's top eigenvalue with Lanczos to a tight tolerance (up to 20 products, tol 1e-4),
+so the spread is the batch's and not the solver's. Per (check, size): mean, coefficient of variation
+(std / mean), max / min, and seconds per estimate.
 
 Why it matters: ABS grows the batch when a check's estimate is <= 1/alpha (1/2) of the reference
 estimate. Two estimates of the *same* curvature that differ by a factor of 2 look like a real drop.
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--draws must be >= 2 (a spread needs two estimates)")
     overrides = {"epochs": 4, "progress": False, "tensorboard": False, **parse_overrides(args.overrides)}
     overrides.setdefault("output_dir", str(ROOT / "runs" / "bench_hessian_samples"))
-    cfg = load_config(None, overrides)
+    cfg = load_config("demo", overrides)  # the demo: four checks an epoch
     trainer = SamplingTrainer(cfg, args.sizes, args.draws, set(args.at))
     try:
         summary = trainer.fit()

@@ -1,12 +1,12 @@
 """Eigenvalue solvers and warm starts, measured along a real training run: how many Hessian-vector
 products does each check take, and how far is its estimate from the top eigenvalue?
 
-    .venv/bin/python benchmarks/bench_solvers.py                       # the embedded default, 4 epochs
+    .venv/bin/python benchmarks/bench_solvers.py                       # the demo preset, 4 epochs
     .venv/bin/python benchmarks/bench_solvers.py epochs=8 --out F.json # any train key=value
 
-The run trains with the given config (the embedded default unless overridden); its own checks
-drive the schedule as usual (``hessian_warm_start`` as configured). Before each check, on the same
-Hessian batch and weights, it also runs:
+The run trains with the given config (the demo preset: the embedded default with four checks an
+epoch, unless overridden); its own checks drive the schedule as usual (``hessian_warm_start`` as
+configured). Before each check, on the same Hessian batch and weights, it also runs:
 
   power_cold    the paper's check: power iteration from a random start (the check's seed)
   power_warm    power iteration from :func:`scaling_abs.curvature.warm_start` of this variant's own
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = {"epochs": 4, "progress": False, "tensorboard": False, **parse_overrides(args.overrides)}
     overrides.setdefault("output_dir", str(ROOT / "runs" / "bench_solvers"))
-    cfg = load_config(None, overrides)
+    cfg = load_config("demo", overrides)  # the demo: four checks an epoch
     trainer = MeasuringTrainer(cfg, args.noise)
     try:
         summary = trainer.fit()

@@ -6,7 +6,7 @@
 #   3. the c1 preset (ResNet-18, one check of 4096 images per epoch) trained on Fashion-MNIST for
 #      EPOCHS epochs, fp32 and bf16: the curvature share of wall time in a real run
 #   4. bench_hvp.py on the other models, and ResNet-18 at a Hessian batch of 1024
-#   5. demo: the embedded default (`scaling-abs train`, no settings) on the GPU
+#   5. demo: `make demo` (`scaling-abs train --config demo`) on the GPU
 #   rules_ab (not in the default): bench_rules_ab.py, the second-order rule sets side by side in one
 #      process (ResNet-18 at 128 and 1024 images, the small CNN at 512)
 #   fold_layout (not in the default): BatchNorm folding and channels-last convolutions in our rules
@@ -120,9 +120,9 @@ $T $PY benchmarks/bench_hvp.py --models c1 --batch 1024 --runs 3 --child-timeout
 pack
 fi
 if want demo; then
-stage "demo: the embedded default (scaling-abs train, no settings) on the GPU"
+stage "demo: make demo (scaling-abs train --config demo) on the GPU"
 rm -rf /tmp/demo_gpu
-$T $PY -m scaling_abs train "data_dir=$FMNIST_DIR" output_dir=/tmp/demo_gpu progress=false 2>&1 \
+$T $PY -m scaling_abs train --config demo "data_dir=$FMNIST_DIR" output_dir=/tmp/demo_gpu progress=false 2>&1 \
   | grep --line-buffered -v -i warning | tail -12 | tee "$R/demo.log"
 cp /tmp/demo_gpu/summary.json "$R/demo_summary.json"
 grep -v '"kind": "step"' /tmp/demo_gpu/metrics.jsonl > "$R/demo_checks.jsonl"

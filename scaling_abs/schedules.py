@@ -314,6 +314,18 @@ class AdaptiveBatchSize(Schedule):
             return True
         return False
 
+    def too_few_checks(self, checks: int) -> str | None:
+        """The warning for a run of ``checks`` checks that kappa cannot grow: the first sets the
+        reference and ``kappa`` more without a drop are needed, so with fewer the batch grows only if
+        an estimate falls to ``1/alpha`` of the first. None when kappa can grow it."""
+        if checks > self.kappa or not self.wants_checks:
+            return None
+        return (
+            f"{checks} curvature checks in this run, but kappa={self.kappa} grows the batch only at "
+            f"check {self.kappa + 1}: it grows only if the eigenvalue drops to 1/alpha; "
+            "a short run wants a smaller hessian_every (the demo preset: 15000)"
+        )
+
     def at(self, epoch: float) -> StepSettings:
         adv = self.adv_fraction
         if self.adv_stop_epoch is not None and epoch >= self.adv_stop_epoch:

@@ -298,6 +298,10 @@ class Trainer:
         self.order = SampleOrder(self.n_train, seed=cfg.seed)
         self.total_samples = int(math.ceil(cfg.epochs * self.n_train))
         self.check_every = cfg.hessian_every or self.n_train
+        if self.schedule.adaptive:
+            few = self.schedule.too_few_checks(self.total_samples // self.check_every)
+            if few:
+                warnings.warn(few, stacklevel=2)
         self.eval_every = max(1, int(round(cfg.eval_every * self.n_train)))
         self.state = TrainState(next_check=self.check_every, next_eval=self.eval_every)
         self.curvature_state = CurvatureState()

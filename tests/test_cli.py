@@ -113,3 +113,15 @@ def test_our_warnings_are_one_line_on_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ours = [line for line in proc.stderr.splitlines() if "micro-batches of 1" in line]
     assert len(ours) == 1 and ours[0].startswith("scaling-abs: warning: batch 127 runs as 127")
+
+
+def test_a_run_too_short_for_kappa_says_so_in_one_line(tmp_path):
+    # once an epoch (the default) for one epoch: one check, and kappa=10 needs 11 before growing
+    proc = cli(
+        "train", "model=mlp", "strategy=abs", "limit_train_samples=256", "epochs=1", "batch_size=64",
+        "max_batch_size=128", "hessian_samples=64", "progress=false", f"output_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = [line for line in proc.stderr.splitlines() if "kappa=10" in line]
+    assert len(ours) == 1 and ours[0].startswith("scaling-abs: warning: 1 curvature checks in this run")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["max_batch_size"] == 64

@@ -56,9 +56,18 @@ def test_paper_presets_follow_appendix_b():
 @pytest.mark.parametrize("preset", ["c1", "c2", "c3", "c4", "i1", "i2", "i3"])
 def test_paper_presets_check_once_per_epoch(preset):
     # Section 4: the power iteration runs at the end of every epoch (SVHN alone: every 65536 samples).
-    # The field's own default (15000 samples) is the embedded default's; a preset must not inherit it:
-    # on ImageNet that would be 85 checks of 4096 images per epoch.
+    # Only the demo and the SVHN-like presets check more often than once an epoch; a preset must not
+    # inherit the demo's 15000 samples: on ImageNet that would be 85 checks of 4096 images per epoch.
     assert load_config(preset).hessian_every == 0
+
+
+def test_the_defaults_check_once_an_epoch_and_the_demo_four_times():
+    # DESIGN: "every n training samples (default: once per epoch)". The demo preset is the embedded
+    # default with more checks (8 epochs hold 8 checks at once an epoch, kappa needs 11 to grow).
+    defaults, demo = load_config(), load_config("demo")
+    assert defaults.hessian_every == 0 and demo.hessian_every == 15000
+    differ = {k for k, v in demo.to_dict().items() if defaults.to_dict()[k] != v}
+    assert differ == {"hessian_every", "output_dir"}
 
 
 @pytest.mark.parametrize(
@@ -149,6 +158,9 @@ def test_every_key_is_in_the_readme_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [k for k in FIELDS if f"| `{k}` |" not in readme]
     assert not missing, f"README's config key table lacks {missing}"
+    shown = {k: "(empty)" if v == "" else str(v) for k, v in TrainConfig().to_dict().items()}
+    stale = [k for k in FIELDS if f"| `{k}` | `{shown[k]}` |" not in readme]
+    assert not stale, f"README's config key table shows other defaults for {stale}"
 
 
 def test_mixed_precision_no_from_the_command_line():

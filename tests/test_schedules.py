@@ -128,6 +128,16 @@ def test_abs_kappa_grows_without_moving_the_reference():
     assert [s.observe(9.0) for _ in range(3)] == [False, False, True] and s.batch_size == 512
 
 
+def test_a_run_with_kappa_checks_or_fewer_is_told_that_kappa_cannot_grow_it():
+    s = AdaptiveBatchSize(128, 4096, kappa=3)
+    assert "kappa=3" in s.too_few_checks(3) and "1/alpha" in s.too_few_checks(0)
+    assert s.too_few_checks(4) is None  # the reference, then 3 without a drop: grows at the 4th
+    for _ in range(4):
+        s.observe(10.0)
+    assert s.batch_size == 256
+    assert AdaptiveBatchSize(128, 128, kappa=3).too_few_checks(1) is None  # at B_max: no checks
+
+
 def test_abs_cap_stops_checks_and_adversarial_examples():
     s = AdaptiveBatchSize(128, 300, kappa=1, adv_fraction=0.2)
     s.observe(1.0)
