@@ -158,7 +158,7 @@ for tag in off default; do
     if [ $run = c1 ]; then
       args="--config c1 dataset=fashion_mnist epochs=$EPOCHS hessian_samples=1024 hessian_reuse_graph=true"
     else
-      args=""
+      args="--config demo"
     fi
     rm -rf "/tmp/${run}_$tag"
     # shellcheck disable=SC2086  # args is a list of settings

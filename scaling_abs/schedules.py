@@ -314,16 +314,28 @@ class AdaptiveBatchSize(Schedule):
             return True
         return False
 
-    def too_few_checks(self, checks: int) -> str | None:
-        """The warning for a run of ``checks`` checks that kappa cannot grow: the first sets the
-        reference and ``kappa`` more without a drop are needed, so with fewer the batch grows only if
-        an estimate falls to ``1/alpha`` of the first. None when kappa can grow it."""
+    def too_few_checks(self, checks: int, longest_every: int) -> str | None:
+        """The warning for a run whose checks before its last step (``checks``; a check at the last
+        step changes nothing) cannot reach kappa: the first sets the reference and ``kappa`` more
+        without a drop grow the batch, so with fewer it grows only if an estimate falls to
+        ``1/alpha`` of the first, and with one or none never. ``longest_every``: the longest check
+        interval in samples that gives kappa + 1 checks (0: the run has too few steps for them).
+        None when kappa can grow the batch."""
         if checks > self.kappa or not self.wants_checks:
             return None
+        effect = (
+            "the batch cannot grow"
+            if checks < 2
+            else "the batch grows only if an estimate drops to 1/alpha of the first"
+        )
+        enough = (
+            f"hessian_every <= {longest_every} would make {self.kappa + 1}"
+            if longest_every > 0
+            else f"the run has too few steps for {self.kappa + 1}"
+        )
         return (
-            f"{checks} curvature checks in this run, but kappa={self.kappa} grows the batch only at "
-            f"check {self.kappa + 1}: it grows only if the eigenvalue drops to 1/alpha; "
-            "a short run wants a smaller hessian_every (the demo preset: 15000)"
+            f"{checks} curvature check{'' if checks == 1 else 's'} before the last step, and "
+            f"kappa={self.kappa} grows the batch at check {self.kappa + 1}: {effect} ({enough})"
         )
 
     def at(self, epoch: float) -> StepSettings:
@@ -359,6 +371,20 @@ class AdaptiveBatchSize(Schedule):
 
 
 STRATEGIES = ("bl", "fb", "gg", "abs", "absa")
+
+
+def checks_before_last_step(total_samples: int, batch: int, check_every: int) -> int:
+    """How many curvature checks a run of ``total_samples`` at a fixed ``batch`` makes before its
+    last step: the trainer checks at the first step boundary at or past each multiple of
+    ``check_every``, at most once a step, and a check at the last step changes nothing.
+
+    >>> checks_before_last_step(480_000, 128, 60_000), checks_before_last_step(480_000, 128, 15_000)
+    (7, 31)
+    >>> checks_before_last_step(1000, 100, 10)  # one a step, the 9 before the last
+    9
+    """
+    last_start = (math.ceil(total_samples / batch) - 1) * batch
+    return last_start // max(check_every, batch)
 
 
 def build_schedule(

@@ -40,7 +40,7 @@ from scaling_abs.data import DataBundle, SeededAugmentation, build_dataset, coll
 from scaling_abs.errors import UserError
 from scaling_abs.models import build_model, count_parameters, model_default_augmentation
 from scaling_abs.report import read_records, read_summary
-from scaling_abs.schedules import build_schedule
+from scaling_abs.schedules import build_schedule, checks_before_last_step
 
 try:  # the output_dir's lock; elsewhere than on Linux and macOS a second run is not detected
     import fcntl
@@ -219,7 +219,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world_size=world)
-        if cfg.hessian_warm_start and cfg.hessian_solver == "power":
+        if cfg.hessian_warm_start and cfg.hessian_solver == "power" and os.environ.get("RANK", "0") == "0":
             warnings.warn(
                 "hessian_warm_start with hessian_solver=power can stop on the previous top direction "
                 "well below the eigenvalue (measured: 34 % low once); use hessian_solver=lanczos",
@@ -298,10 +298,6 @@ class Trainer:
         self.order = SampleOrder(self.n_train, seed=cfg.seed)
         self.total_samples = int(math.ceil(cfg.epochs * self.n_train))
         self.check_every = cfg.hessian_every or self.n_train
-        if self.schedule.adaptive:
-            few = self.schedule.too_few_checks(self.total_samples // self.check_every)
-            if few:
-                warnings.warn(few, stacklevel=2)
         self.eval_every = max(1, int(round(cfg.eval_every * self.n_train)))
         self.state = TrainState(next_check=self.check_every, next_eval=self.eval_every)
         self.curvature_state = CurvatureState()
@@ -748,6 +744,15 @@ class Trainer:
             )
 
     # -- the run -------------------------------------------------------------------------------
+    def _too_few_checks(self) -> str | None:
+        """ABS's warning for a run too short for kappa, counted at the first batch (growth only
+        makes steps fewer)."""
+        batch, enough = self.plan.global_batch, self.schedule.kappa + 1
+        checks = checks_before_last_step(self.total_samples, batch, self.check_every)
+        steps = checks_before_last_step(self.total_samples, batch, batch)  # a check a step at most
+        longest = steps * batch // enough if steps >= enough else 0  # the longest interval for kappa
+        return self.schedule.too_few_checks(checks, longest)
+
     def fit(self) -> dict[str, Any]:
         acc, cfg, state = self.accelerator, self.cfg, self.state
         self._claim_output_dir()
@@ -760,6 +765,10 @@ class Trainer:
             )
             if done is not None:
                 return done
+        if resumed is None and acc.is_main_process and self.schedule.adaptive:
+            few = self._too_few_checks()
+            if few:
+                warnings.warn(few, stacklevel=2)
         self._open_logs()
         if resumed is not None:
             self._log(

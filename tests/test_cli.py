@@ -116,12 +116,13 @@ def test_our_warnings_are_one_line_on_the_command_line(tmp_path):
 
 
 def test_a_run_too_short_for_kappa_says_so_in_one_line(tmp_path):
-    # once an epoch (the default) for one epoch: one check, and kappa=10 needs 11 before growing
+    # once an epoch (the default) for one epoch: one check, at the last step, and kappa=10 needs 11
     proc = cli(
         "train", "model=mlp", "strategy=abs", "limit_train_samples=256", "epochs=1", "batch_size=64",
         "max_batch_size=128", "hessian_samples=64", "progress=false", f"output_dir={tmp_path / 'run'}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     ours = [line for line in proc.stderr.splitlines() if "kappa=10" in line]
-    assert len(ours) == 1 and ours[0].startswith("scaling-abs: warning: 1 curvature checks in this run")
+    assert len(ours) == 1 and ours[0].startswith("scaling-abs: warning: 0 curvature checks before the last")
+    assert ours[0].endswith("the batch cannot grow (the run has too few steps for 11)")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["max_batch_size"] == 64

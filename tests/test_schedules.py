@@ -130,12 +130,16 @@ def test_abs_kappa_grows_without_moving_the_reference():
 
 def test_a_run_with_kappa_checks_or_fewer_is_told_that_kappa_cannot_grow_it():
     s = AdaptiveBatchSize(128, 4096, kappa=3)
-    assert "kappa=3" in s.too_few_checks(3) and "1/alpha" in s.too_few_checks(0)
-    assert s.too_few_checks(4) is None  # the reference, then 3 without a drop: grows at the 4th
+    three = s.too_few_checks(3, 1000)
+    assert three.startswith("3 curvature checks before the last step, and kappa=3 grows the batch at check 4")
+    assert "1/alpha of the first" in three and "hessian_every <= 1000 would make 4" in three
+    assert s.too_few_checks(1, 0).startswith("1 curvature check before")  # one cannot grow it
+    assert "cannot grow" in s.too_few_checks(1, 0) and "too few steps for 4" in s.too_few_checks(1, 0)
+    assert s.too_few_checks(4, 1000) is None  # the reference, then 3 without a drop: grows at the 4th
     for _ in range(4):
         s.observe(10.0)
     assert s.batch_size == 256
-    assert AdaptiveBatchSize(128, 128, kappa=3).too_few_checks(1) is None  # at B_max: no checks
+    assert AdaptiveBatchSize(128, 128, kappa=3).too_few_checks(1, 0) is None  # at B_max: no checks
 
 
 def test_abs_cap_stops_checks_and_adversarial_examples():
