@@ -20,8 +20,8 @@ ResNet-18 in fp32 to 1e-5). ReLU and max pooling are piecewise linear, so their 
 derivative in the forward input is zero; PyTorch's rules build it as a zeros tensor of the input's
 size and carry it back through the forward graph below (a profile of the small CNN's product at 512
 images showed 12 ms of such fills in 102 ms); ours leave it out. The gain measured small: the small
-CNN's 10-product estimate 0.94x, its single product and ResNet-18's unchanged (README).
-Measured (``benchmarks/bench_hvp.py``): see the README.
+CNN's 10-product estimate 0.94x, its single product and ResNet-18's unchanged (benchmarks/README.md).
+Measured (``benchmarks/bench_hvp.py``): see benchmarks/README.md.
 
 Used only while :mod:`scaling_abs.curvature` builds and differentiates a gradient graph
 (:func:`second_order_rules`): the model's ``nn.Conv1d/2d/3d``, ``nn.BatchNorm*``, ``nn.ReLU`` and
@@ -136,7 +136,7 @@ _FOLDABLE = "_scaling_abs_conv"
 # (:func:`_folded`) and run 2-d convolutions channels-last (:func:`_channels_last`). Both measured
 # faster on the CPU and, for ResNet-18 from 512 images, on CUDA: a 10-product estimate 0.77x at 512
 # images (H200) and 0.66x at 1,024 (H100); at 128-256 images and on the small CNN within the runs'
-# spread (README "Folding and channels-last on CUDA too"). ``benchmarks/bench_rules_ab.py`` sets them to measure either way.
+# spread (benchmarks/README.md, "Folding and channels-last on CUDA too"). ``benchmarks/bench_rules_ab.py`` sets them to measure either way.
 FOLD_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 LAYOUT_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
@@ -147,8 +147,8 @@ def _channels_last(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torc
     not in it already: the small weight at every call, the input once, since the layers after keep
     the layout. ResNet-18 at 128 images on the CPU: a kept-graph product 0.91x, a 10-product
     estimate 0.88x of the NCHW one; the small CNN's product from scratch 0.89x, on a kept graph
-    unchanged (README "Channels-last convolutions"); at 1,024 images on an H100 the folded
-    estimate 0.79x (README "Folding and channels-last on CUDA too")."""
+    unchanged (benchmarks/README.md, "Channels-last convolutions"); at 1,024 images on an H100 the folded
+    estimate 0.79x (benchmarks/README.md, "Folding and channels-last on CUDA too")."""
     return _nhwc(x), _nhwc(w)
 
 
@@ -186,7 +186,7 @@ def _folded(conv_out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     BatchNorm after a convolution), or None when ``conv_out`` is not a convolution's untouched output.
     The per-channel scale then sits on the small weight instead of multiplying the feature map: the
     second-order graph of ``x * s`` costs several full-size multiplies per product (the small CNN's
-    two BatchNorms were half of its product on the CPU; README "What a curvature check costs").
+    two BatchNorms were half of its product on the CPU; benchmarks/README.md, "What a curvature check costs").
     The convolution's own output is computed anyway (other code may use it) and dropped here."""
     saved = getattr(conv_out, _FOLDABLE, None)
     if saved is None:

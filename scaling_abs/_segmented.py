@@ -36,7 +36,7 @@ from torch import nn
 
 Unit = Callable[[torch.Tensor], torch.Tensor]
 # A piece's second-order graph against its forward activations: a fresh double backward of the
-# whole model took 2.4-3.2x a training step's memory (README, "On a GPU" and the CPU table).
+# whole model took 2.4-3.2x a training step's memory (benchmarks/README.md, "On a GPU" and the CPU table).
 GRAPH_FACTOR = 3.0
 
 

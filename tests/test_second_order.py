@@ -378,7 +378,7 @@ def test_relu_and_max_pool_rules_where_they_apply_and_nowhere_else():
 def test_auto_is_on_for_cpu_and_cuda_without_autocast_only_and_bad_values_raise():
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
     assert wanted("auto", cpu, None) is True
-    assert wanted("auto", cuda, None) is True  # measured faster on an H100 (README)
+    assert wanted("auto", cuda, None) is True  # measured faster on an H100 (benchmarks/README.md)
     assert wanted("auto", cpu, torch.bfloat16) is False
     assert wanted("auto", cuda, torch.bfloat16) is True  # 0.37x PyTorch's rules' time at 1,024 images
     assert wanted("auto", cuda, torch.float16) is False  # not measured

@@ -155,7 +155,7 @@ def test_custom_rules_setting_reaches_the_checks_and_changes_no_estimate(tmp_pat
 @pytest.mark.parametrize("setting, expected", [("auto", None), ("no", None), ("bf16", torch.bfloat16)])
 def test_hessian_precision_picks_the_checks_autocast(tmp_path, monkeypatch, setting, expected):
     """Checks follow training's precision unless hessian_precision says otherwise (fp32 checks of a
-    bf16 run: at a sharp point bf16 products read 28 % above fp32's, README "On an H100")."""
+    bf16 run: at a sharp point bf16 products read 28 % above fp32's, benchmarks/README.md, "On an H100")."""
     from scaling_abs import curvature
 
     seen = []
