@@ -5,6 +5,7 @@ run read 23. This tells a sharp point of the bf16-trained weights (fp32 agrees) 
 taking the products under bf16 (fp32 disagrees), and whether our second-order rules matter.
 
     python benchmarks/probe_bf16_eigenvalue.py RUN_DIR [--check 2] [--iters 20] [--out probe.json]
+                                               [--variants fp32 bf16 bf16_stock_rules fp32_bn_train]
 
 RUN_DIR holds `config.yaml` and `model.safetensors` (any finished `scaling-abs train` run). The Hessian
 batch is the one the trainer drew for check number ``--check`` (0-based), over the run's
@@ -52,12 +53,23 @@ def _bn_extremes(model: torch.nn.Module) -> dict:
     return {"min_running_var": smallest, "max_bn_gain": gain}
 
 
+VARIANTS = {  # eig_<name> in the output: the products' settings beside the run's own
+    "fp32": {},
+    "bf16": {"autocast_dtype": torch.bfloat16, "custom_rules": True},
+    "bf16_stock_rules": {"autocast_dtype": torch.bfloat16, "custom_rules": False},
+    "fp32_bn_train": {"bn_mode": "train"},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--check", type=int, default=2, help="whose Hessian batch (0-based check count)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="estimates to take"
+    )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, batches = _setup(args.run_dir, args.check, device)
@@ -70,13 +82,8 @@ def main() -> None:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = sum(curvature.cross_entropy_loss(model, b).float() * len(b[1]) for b in batches)
             rows[f"loss_{name}"] = float(loss) / rows["samples"]
-    variants = {
-        "fp32": {},
-        "bf16": {"autocast_dtype": torch.bfloat16, "custom_rules": True},
-        "bf16_stock_rules": {"autocast_dtype": torch.bfloat16, "custom_rules": False},
-        "fp32_bn_train": {"bn_mode": "train"},
-    }
-    for name, kw in variants.items():
+    for name in args.variants:
+        kw = VARIANTS[name]
         kw = {
             "bn_mode": cfg.hessian_bn_mode,
             "seed": cfg.seed + args.check,

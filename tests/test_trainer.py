@@ -182,7 +182,7 @@ def test_fp32_checks_of_a_bf16_run(tmp_path, checkpoint):
         "strategy": "abs",
         "epochs": 0.25,
         "hessian_every": 128,
-        "hessian_iters": 20,
+        "hessian_iters": 10,
         "hessian_tol": 0.0,
         "hessian_checkpoint": checkpoint,
         "mixed_precision": "bf16",
@@ -197,8 +197,9 @@ def test_fp32_checks_of_a_bf16_run(tmp_path, checkpoint):
     assert len(checks) == 2 and {c["precision"] for c in checks} == {"no"}
     assert checks[-1]["samples"] == json.loads((out / "summary.json").read_text())["samples"]
     probe = [sys.executable, str(ROOT / "benchmarks" / "probe_bf16_eigenvalue.py"), str(out)]
+    args = ["--check", "1", "--iters", "10", "--variants", "fp32", "bf16", "--out", str(tmp_path / "p.json")]
     proc = subprocess.run(
-        [*probe, "--check", "1", "--iters", "20", "--out", str(tmp_path / "p.json")],
+        [*probe, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
