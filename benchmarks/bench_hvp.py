@@ -70,6 +70,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trainer_bench import cpu_model  # noqa: E402  (beside this script)
+
 from scaling_abs.curvature import (  # noqa: E402
     HessianOperator,
     cross_entropy_loss,
@@ -471,7 +473,7 @@ def main() -> None:
     meta = {
         "command": " ".join(["benchmarks/bench_hvp.py", *sys.argv[1:]]),
         "machine": platform.node(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

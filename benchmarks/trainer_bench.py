@@ -17,13 +17,27 @@ from scaling_abs import curvature
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cpu_model() -> str:
+    """The CPU's name and the vector extensions that decide convolution speed (``platform.processor``
+    says only "x86_64" on Linux): "AMD EPYC (avx2, no avx512f, no avx512_bf16, no amx_bf16)"."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    ext = ", ".join(f if f in flags else f"no {f}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    return f"{fields.get('model name', platform.machine())} ({ext})"
+
+
 def run_record(command: str, overrides: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "command": command,
         "config": {k: overrides[k] for k in sorted(overrides)},
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor(),
+            "processor": cpu_model(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "git": subprocess.run(
