@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -211,6 +212,14 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def _warn(message: str) -> None:
+    """A run's warning, at every run: Python shows a message once per code line and process, which
+    would hide it from a second ``train()`` in a notebook or a sweep. Filters still apply, and it
+    names this file, so the command line prints it as one line."""
+    caller = sys._getframe(1)
+    warnings.warn_explicit(message, UserWarning, caller.f_code.co_filename, caller.f_lineno, registry={})
+
+
 class Trainer:
     """Builds everything from a config and runs it; :meth:`fit` returns the summary dict."""
 
@@ -220,11 +229,9 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world_size=world)
         if cfg.hessian_warm_start and cfg.hessian_solver == "power" and os.environ.get("RANK", "0") == "0":
-            warnings.warn(
+            _warn(
                 "hessian_warm_start with hessian_solver=power can stop on the previous top direction "
-                "well below the eigenvalue (measured: 34 % low once); use hessian_solver=lanczos",
-                UserWarning,
-                stacklevel=2,
+                "well below the eigenvalue (measured: 34 % low once); use hessian_solver=lanczos"
             )
         self.schedule = build_schedule(
             cfg.strategy,
@@ -425,7 +432,7 @@ class Trainer:
     def _set_plan(self, plan: Plan) -> None:
         slow = small_micro_batches(plan, self.cfg.micro_batch_size)
         if slow:  # once per plan: this runs when the plan changes (and at the start)
-            warnings.warn(slow, stacklevel=2)
+            _warn(slow)
         if self.engine is not None and plan.global_batch != self.engine.train_batch_size():
             # Only at an optimizer-step boundary (DESIGN pitfalls); moves DeepSpeed's accumulation count.
             self.engine.set_train_batch_size(plan.global_batch)
@@ -529,7 +536,7 @@ class Trainer:
                     )
                     raise
                 shrunk.append(change)
-                warnings.warn(f"a curvature check ran out of memory; from now on {change}", stacklevel=3)
+                _warn(f"a curvature check ran out of memory; from now on {change}")
             # here, not in the except clause: its traceback still holds the failed attempt's tensors
             gc.collect()
             if torch.cuda.is_available():
@@ -661,9 +668,7 @@ class Trainer:
             ):
                 if (self.out / name).exists():
                     os.replace(self.out / name, previous / name)
-            warnings.warn(
-                f"{self.out} held a finished run: moved to {previous} for this fresh run", stacklevel=3
-            )
+            _warn(f"{self.out} held a finished run: moved to {previous} for this fresh run")
         acc.wait_for_everyone()
 
     def _claim_output_dir(self) -> None:
@@ -768,7 +773,7 @@ class Trainer:
         if resumed is None and acc.is_main_process and self.schedule.adaptive:
             few = self._too_few_checks()
             if few:
-                warnings.warn(few, stacklevel=2)
+                _warn(few)
         self._open_logs()
         if resumed is not None:
             self._log(

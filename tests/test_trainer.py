@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,13 @@ def test_lanczos_warm_started_checks_and_the_curvature_state(tmp_path):
     cfg = load_config(None, {**BASE, "output_dir": str(tmp_path / "p"), "hessian_warm_start": True})
     with pytest.warns(UserWarning, match="use hessian_solver=lanczos"):
         Trainer(cfg).close()
+    # ...at every run: Python's default filter shows a message once per code line, which would hide
+    # it from a second run in the same process (a notebook, a sweep)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for _ in range(2):
+            Trainer(cfg).close()
+    assert sum("use hessian_solver=lanczos" in str(w.message) for w in seen) == 2
     # the saved vector round-trips; a vector of other shapes (a changed block) means a cold start
     params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(2))]
     state = CurvatureState()
