@@ -7,8 +7,8 @@ Either way, the next tensor of that size is faulted in again page by page. Train
 checks free and allocate the same large tensors at every step: the small CNN's 10-product
 estimate at 512 images made 210,000-280,000 minor page faults and took 0.75-0.84 s, against 7-37,000
 faults and 0.52-0.56 s with this setting; an op writing a 25 MiB output took 6.2-7.4 ms on fresh
-pages against 0.3-0.9 ms on reused memory (``benchmarks/probe_malloc_faults.py``). The embedded
-default's checks took 0.73x the time (benchmarks/README.md, "The CPU's memory allocator").
+pages against 0.3-0.9 ms on reused memory (``benchmarks/probe_malloc_faults.py``). The demo's
+checks (``make demo``) took 0.73x the time (benchmarks/README.md, "The CPU's memory allocator").
 
 :func:`tune` turns both off for the rest of the process: no mappings for large blocks (all come
 from the heap, where freed blocks are reused) and no trimming. The price is that memory freed

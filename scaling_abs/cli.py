@@ -32,7 +32,8 @@ def _train(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="scaling-abs train",
-        description="Train with BL, FB, GG, ABS or ABSA. With no settings: ABSA on Fashion-MNIST (the embedded default).",
+        description="Train with BL, FB, GG, ABS or ABSA. With no settings: ABSA on Fashion-MNIST (the embedded "
+        "default), a curvature check an epoch; `--config demo` (make demo) checks four times an epoch.",
         epilog=f"presets: {', '.join(list_presets())}. Keys: scaling-abs train --help-keys",
     )
     parser.add_argument("--config", help="a YAML file or a preset name (s1, c1, ..., i3)")
