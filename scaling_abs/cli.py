@@ -69,7 +69,10 @@ def format_summary(summary: dict, output_dir: str) -> str:
     share = summary["curvature_time_s"] / summary["wall_time_s"] if summary["wall_time_s"] else 0.0
     rows = [
         ("strategy / model / data", f"{summary['strategy']} / {summary['model']} / {summary['dataset']}"),
-        ("test accuracy", percent(summary["test_accuracy"]) + " %"),
+        (
+            "test accuracy",
+            percent(summary["test_accuracy"]) + ("" if summary["test_accuracy"] is None else " %"),
+        ),
         ("optimizer updates", f"{summary['updates']}"),
         ("largest batch", f"{summary['max_batch_size']}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),

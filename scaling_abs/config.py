@@ -117,7 +117,10 @@ class TrainConfig:
     deepspeed: str = _f("", "path to a DeepSpeed JSON config (ds_configs/zero2.json); empty = off")
     seed: int = _f(0, "seed of the model init, data order and curvature probes (in [0, 2**32))")
     output_dir: str = _f("runs/default", "where metrics, checkpoints and the final model go")
-    resume: str = _f("", "auto (newest checkpoint in output_dir) | a checkpoint folder | empty = fresh")
+    resume: str = _f(
+        "",
+        "auto (newest checkpoint in output_dir; fresh when it has none) | a checkpoint folder | empty = fresh",
+    )
     checkpoint_every: int = _f(0, "optimizer steps between checkpoints (0 = at every epoch end)")
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")
     eval_every: float = _f(1.0, "epochs between test evaluations")

@@ -30,10 +30,34 @@ class Run:
     steps: list[dict] = field(default_factory=list)
     checks: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    name: str = ""  # the folder's name; see name_runs
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.path.name
 
     @property
     def label(self) -> str:
         return f"{self.config.get('strategy', '?').upper()} (B_max {self.config.get('max_batch_size', '?')})"
+
+
+def name_runs(runs: list[Run]) -> None:
+    """Each run's ``name``: its folder's name, or with as many parent folders as tell it from the
+    other runs' (``a/demo`` and ``b/demo`` beside ``bl``), so no two rows or curves read alike."""
+    parts = [r.path.resolve().parts for r in runs]
+    for r, mine in zip(runs, parts):
+        others = [p for p in parts if p != mine]
+        depth = 1
+        while depth < len(mine) and any(p[-depth:] == mine[-depth:] for p in others):
+            depth += 1
+        r.name = "/".join(mine[-depth:])
+
+
+def _legends(runs: list[Run]) -> list[str]:
+    """Curve labels: strategy and B_max, with the run's name when two runs share them."""
+    labels = [r.label for r in runs]
+    if len(set(labels)) == len(labels):
+        return labels
+    return [f"{r.name}: {label}" for r, label in zip(runs, labels)]
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -89,7 +113,7 @@ def summary_table(runs: list[Run]) -> str:
         s = r.summary
         share = 100 * s["curvature_time_s"] / s["wall_time_s"] if s.get("wall_time_s") else 0.0
         lines.append(
-            f"| {r.path.name}{' (interrupted)' if s.get('interrupted') else ''} | "
+            f"| {r.name}{' (interrupted)' if s.get('interrupted') else ''} | "
             f"{r.config.get('strategy', '?')} | {r.config.get('max_batch_size', '?')} | "
             f"{percent(s['test_accuracy'])} | {s['updates']:,} | {s['max_batch_size']:,} | "
             f"{s['wall_time_s']:.0f} | {share:.1f} |"
@@ -110,18 +134,31 @@ def comparison_table(runs: list[Run]) -> str:
             for r in runs
         }
     )
-    cell: dict[tuple[int, str], str] = {}
+    cell: dict[tuple[int, str], list[Run]] = {}
     for r in runs:
         m = r.config.get("strategy")
         b = int(r.config.get("batch_size" if m == "bl" else "max_batch_size", 0))
-        cell[(b, m)] = f"{percent(r.summary['test_accuracy'])} / {r.summary['updates']:,}"
+        cell.setdefault((b, m), []).append(r)
+
+    def text(key: tuple[int, str]) -> str:
+        shown = cell.get(key, [])
+        entries = [f"{percent(r.summary['test_accuracy'])} / {r.summary['updates']:,}" for r in shown]
+        if len(shown) > 1:  # several runs in one cell: each, with its name
+            entries = [f"{e} ({r.name})" for e, r in zip(entries, shown)]
+        return "; ".join(entries) or "-"
+
     lines = [
         "| batch | " + " | ".join(f"{m.upper()} acc. / updates" for m in methods) + " |",
         "| --- |" + " --- |" * len(methods),
     ]
     for b in sizes:
-        lines.append(f"| {b} | " + " | ".join(cell.get((b, m), "-") for m in methods) + " |")
+        lines.append(f"| {b} | " + " | ".join(text((b, m)) for m in methods) + " |")
     return "\n".join(lines)
+
+
+def _color(i: int) -> str:
+    """The i-th run's colour, the same in every figure (a run without checks keeps its place)."""
+    return f"C{i % 10}"
 
 
 def _figure(ncols: int):
@@ -137,10 +174,10 @@ def _figure(ncols: int):
 def plot_schedule(runs: list[Run], path: str | Path) -> None:
     """Figure 1: global batch size and learning rate against epochs."""
     plt, fig, (ax_b, ax_lr) = _figure(2)
-    for r in runs:
-        ep = [s["epoch"] for s in r.steps]
-        ax_b.step(ep, [s["batch_size"] for s in r.steps], where="post", label=r.label)
-        ax_lr.step(ep, [s["lr"] for s in r.steps], where="post", label=r.label)
+    for i, (r, label) in enumerate(zip(runs, _legends(runs))):
+        ep, color = [s["epoch"] for s in r.steps], _color(i)
+        ax_b.step(ep, [s["batch_size"] for s in r.steps], where="post", label=label, color=color)
+        ax_lr.step(ep, [s["lr"] for s in r.steps], where="post", label=label, color=color)
     ax_b.set(xlabel="epoch", ylabel="global batch size", yscale="log", title="batch size")
     ax_lr.set(xlabel="epoch", ylabel="learning rate", yscale="log", title="learning rate")
     ax_b.legend(fontsize=8)
@@ -152,13 +189,15 @@ def plot_schedule(runs: list[Run], path: str | Path) -> None:
 def plot_training(runs: list[Run], path: str | Path) -> None:
     """Figure 2: training loss and test accuracy against epochs."""
     plt, fig, (ax_l, ax_a) = _figure(2)
-    for r in runs:
-        ax_l.plot([s["epoch"] for s in r.steps], [s["loss"] for s in r.steps], lw=0.6, label=r.label)
+    for i, (r, label) in enumerate(zip(runs, _legends(runs))):
+        steps, color = r.steps, _color(i)
+        ax_l.plot([s["epoch"] for s in steps], [s["loss"] for s in steps], lw=0.6, label=label, color=color)
         ax_a.plot(
             [e["epoch"] for e in r.evals],
             [100 * e["test_accuracy"] for e in r.evals],
             marker="o",
-            label=r.label,
+            label=label,
+            color=color,
         )
     ax_l.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
     ax_a.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
@@ -172,7 +211,7 @@ def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
     """Figure 6: the top Hessian eigenvalue at each check (full or block, solver and warm start as
     the run's config says)."""
     plt, fig, ax = _figure(1)
-    for r in runs:
+    for i, (r, label) in enumerate(zip(runs, _legends(runs))):
         if r.checks:
             block = r.config.get("hessian_block", "all")
             how = [f"{'full' if block == 'all' else block} Hessian"]
@@ -184,7 +223,8 @@ def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
                 [c["epoch"] for c in r.checks],
                 [c["eigenvalue"] for c in r.checks],
                 marker=".",
-                label=", ".join([r.label, *how]),
+                label=", ".join([label, *how]),
+                color=_color(i),
             )
     ax.set(xlabel="epoch", ylabel="top eigenvalue", yscale="log", title="top Hessian eigenvalue")
     ax.legend(fontsize=8)
@@ -208,6 +248,7 @@ def main(argv: list[str]) -> int:
     out = out or Path(dirs[0]).parent / "report"
     check_output_dir(out, "--out")
     runs = [load_run(d) for d in dirs]
+    name_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
     text = "## Runs\n\n" + summary_table(runs) + "\n\n## Paper layout\n\n" + comparison_table(runs) + "\n"
     (out / "report.md").write_text(text)

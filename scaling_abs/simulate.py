@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -158,6 +159,12 @@ def simulate_from_run(
     adaptive = adaptive_comp + len(steps) * comm
     hess = sum(c["seconds"] / processes + c["iterations"] * comm for c in checks)
     first = steps[0]["batch_size"]
+    if processes > first:
+        warnings.warn(
+            f"processes={processes} is more than the run's first batch ({first}): its steps would give "
+            "some processes no sample, which this model (compute / processes) does not see",
+            stacklevel=2,
+        )
     fixed_updates = math.ceil(samples / first)
     fixed = adaptive_comp + fixed_updates * comm
     return {

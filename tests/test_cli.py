@@ -126,3 +126,16 @@ def test_a_run_too_short_for_kappa_says_so_in_one_line(tmp_path):
     assert len(ours) == 1 and ours[0].startswith("scaling-abs: warning: 0 curvature checks before the last")
     assert ours[0].endswith("the batch cannot grow (the run has too few steps for 11)")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["max_batch_size"] == 64
+
+
+def test_the_summary_table_of_a_run_stopped_before_any_evaluation_reads_n_a():
+    from scaling_abs.cli import format_summary
+
+    summary = {
+        "strategy": "absa", "model": "cnn", "dataset": "fashion_mnist", "test_accuracy": None, "updates": 3,
+        "max_batch_size": 128, "wall_time_s": 2.0, "curvature_time_s": 0.0, "curvature_checks": 0,
+        "interrupted": True,
+    }  # fmt: skip
+    table = format_summary(summary, "runs/x")
+    assert "test accuracy            n/a\n" in table and "resume=auto continues" in table
+    assert "91.83 %" in format_summary({**summary, "test_accuracy": 0.9183, "interrupted": False}, "runs/x")

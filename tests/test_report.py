@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from scaling_abs.errors import UserError
-from scaling_abs.report import comparison_table, load_run, main, summary_table
+from scaling_abs.report import _legends, comparison_table, load_run, main, name_runs, summary_table
 
 
 def fake_run(root, name, strategy, batch, max_batch, acc, updates):
@@ -50,6 +50,23 @@ def test_tables_hold_the_numbers(tmp_path):
     assert "| 90.12 | 9,375 |" in table and "| 90.34 | 2,100 |" in table and "| 5.0 |" in table
     paper = comparison_table(runs)
     assert "| 128 | 90.12 / 9,375 | - |" in paper and "| 8192 | - | 90.34 / 2,100 |" in paper
+
+
+def test_runs_of_the_same_name_or_cell_stay_apart(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    runs = [
+        load_run(fake_run(tmp_path / "a", "demo", "absa", 128, 4096, 0.9155, 2184)),
+        load_run(fake_run(tmp_path / "b", "demo", "absa", 128, 4096, 0.9170, 1876)),
+        load_run(fake_run(tmp_path, "bl", "bl", 128, 128, 0.9185, 3750)),
+    ]
+    name_runs(runs)
+    assert [r.name for r in runs] == ["a/demo", "b/demo", "bl"]
+    table = summary_table(runs)
+    assert "| a/demo | absa |" in table and "| b/demo | absa |" in table
+    # one cell, two runs: both shown, each with its name, none dropped
+    assert "| 4096 | - | 91.55 / 2,184 (a/demo); 91.70 / 1,876 (b/demo) |" in comparison_table(runs)
+    assert _legends(runs) == ["a/demo: ABSA (B_max 4096)", "b/demo: ABSA (B_max 4096)", "bl: BL (B_max 128)"]
+    assert _legends(runs[1:]) == ["ABSA (B_max 4096)", "BL (B_max 128)"]  # names only when needed
 
 
 def test_main_writes_report_and_figures(tmp_path, capsys):

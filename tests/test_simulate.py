@@ -46,6 +46,9 @@ def test_simulate_from_run_arithmetic(tmp_path):
     assert out["adaptive_total_s"] == pytest.approx(comp + 4 * comm + 2.0 / 8 + 5 * comm)
     assert out["fixed_total_s"] == pytest.approx(comp + 8 * comm)
     assert out["speedup"] == pytest.approx(out["fixed_total_s"] / out["adaptive_total_s"])
+    # more processes than the first batch has samples: the model's compute / p no longer holds
+    with pytest.warns(UserWarning, match=r"processes=512 is more than the run's first batch \(100\)"):
+        simulate_from_run(_fake_run(tmp_path), processes=512)
 
 
 def test_cli_json_and_errors(tmp_path, capsys):
