@@ -124,6 +124,7 @@ def write_report(out: Path, names: list[str], focus: int, base_batch: int, heade
     if not finished:
         raise UserError(f"no finished runs under {out}")
     runs = [report.load_run(out / n) for n in finished]
+    report.assign_colors(runs)  # a run keeps its colour across the three figures' subsets
     full = [r for r in runs if r.config.get("hessian_block", "all") == "all"]
     missing = [n for n in names if n not in finished]
     busy = sum(float(r.summary.get("wall_time_s", 0.0)) for r in runs)

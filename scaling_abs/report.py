@@ -31,6 +31,7 @@ class Run:
     checks: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     name: str = ""  # the folder's name; see name_runs
+    color: str = ""  # the run's colour in every figure; see assign_colors
 
     def __post_init__(self) -> None:
         self.name = self.name or self.path.name
@@ -156,9 +157,15 @@ def comparison_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def _color(i: int) -> str:
-    """The i-th run's colour, the same in every figure (a run without checks keeps its place)."""
-    return f"C{i % 10}"
+def assign_colors(runs: list[Run]) -> None:
+    """One colour per run, by its place in ``runs``, kept in every figure drawn from any subset of
+    them (a run without checks, or left out of one figure, does not shift the others')."""
+    for i, r in enumerate(runs):
+        r.color = f"C{i % 10}"
+
+
+def _color(r: Run, i: int) -> str:
+    return r.color or f"C{i % 10}"
 
 
 def _figure(ncols: int):
@@ -175,7 +182,7 @@ def plot_schedule(runs: list[Run], path: str | Path) -> None:
     """Figure 1: global batch size and learning rate against epochs."""
     plt, fig, (ax_b, ax_lr) = _figure(2)
     for i, (r, label) in enumerate(zip(runs, _legends(runs))):
-        ep, color = [s["epoch"] for s in r.steps], _color(i)
+        ep, color = [s["epoch"] for s in r.steps], _color(r, i)
         ax_b.step(ep, [s["batch_size"] for s in r.steps], where="post", label=label, color=color)
         ax_lr.step(ep, [s["lr"] for s in r.steps], where="post", label=label, color=color)
     ax_b.set(xlabel="epoch", ylabel="global batch size", yscale="log", title="batch size")
@@ -190,7 +197,7 @@ def plot_training(runs: list[Run], path: str | Path) -> None:
     """Figure 2: training loss and test accuracy against epochs."""
     plt, fig, (ax_l, ax_a) = _figure(2)
     for i, (r, label) in enumerate(zip(runs, _legends(runs))):
-        steps, color = r.steps, _color(i)
+        steps, color = r.steps, _color(r, i)
         ax_l.plot([s["epoch"] for s in steps], [s["loss"] for s in steps], lw=0.6, label=label, color=color)
         ax_a.plot(
             [e["epoch"] for e in r.evals],
@@ -224,7 +231,7 @@ def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
                 [c["eigenvalue"] for c in r.checks],
                 marker=".",
                 label=", ".join([label, *how]),
-                color=_color(i),
+                color=_color(r, i),
             )
     ax.set(xlabel="epoch", ylabel="top eigenvalue", yscale="log", title="top Hessian eigenvalue")
     ax.legend(fontsize=8)
@@ -249,6 +256,7 @@ def main(argv: list[str]) -> int:
     check_output_dir(out, "--out")
     runs = [load_run(d) for d in dirs]
     name_runs(runs)
+    assign_colors(runs)
     out.mkdir(parents=True, exist_ok=True)
     text = "## Runs\n\n" + summary_table(runs) + "\n\n## Paper layout\n\n" + comparison_table(runs) + "\n"
     (out / "report.md").write_text(text)

@@ -6,7 +6,15 @@ import pytest
 import yaml
 
 from scaling_abs.errors import UserError
-from scaling_abs.report import _legends, comparison_table, load_run, main, name_runs, summary_table
+from scaling_abs.report import (
+    _legends,
+    assign_colors,
+    comparison_table,
+    load_run,
+    main,
+    name_runs,
+    summary_table,
+)
 
 
 def fake_run(root, name, strategy, batch, max_batch, acc, updates):
@@ -67,6 +75,8 @@ def test_runs_of_the_same_name_or_cell_stay_apart(tmp_path):
     assert "| 4096 | - | 91.55 / 2,184 (a/demo); 91.70 / 1,876 (b/demo) |" in comparison_table(runs)
     assert _legends(runs) == ["a/demo: ABSA (B_max 4096)", "b/demo: ABSA (B_max 4096)", "bl: BL (B_max 128)"]
     assert _legends(runs[1:]) == ["ABSA (B_max 4096)", "BL (B_max 128)"]  # names only when needed
+    assign_colors(runs)
+    assert [r.color for r in runs] == ["C0", "C1", "C2"]  # kept in a figure of a subset too
 
 
 def test_main_writes_report_and_figures(tmp_path, capsys):
