@@ -26,8 +26,11 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    ext = ", ".join(f if f in flags else f"no {f}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    if "flags" in fields:  # x86
+        flags, wanted = set(fields["flags"].split()), ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    else:  # Arm lists its extensions as "Features"
+        flags, wanted = set(fields.get("Features", "").split()), ("asimd", "sve", "sve2", "bf16")
+    ext = ", ".join(f if f in flags else f"no {f}" for f in wanted)
     return f"{fields.get('model name', platform.machine())} ({ext})"
 
 
