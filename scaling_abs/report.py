@@ -161,11 +161,16 @@ def assign_colors(runs: list[Run]) -> None:
     """One colour per run, by its place in ``runs``, kept in every figure drawn from any subset of
     them (a run without checks, or left out of one figure, does not shift the others')."""
     for i, r in enumerate(runs):
-        r.color = f"C{i % 10}"
+        r.color = _nth_color(i)
+
+
+def _nth_color(i: int) -> str:
+    return f"C{i % 10}"  # matplotlib's default cycle
 
 
 def _color(r: Run, i: int) -> str:
-    return r.color or f"C{i % 10}"
+    """The run's assigned colour, else the i-th (runs plotted without :func:`assign_colors`)."""
+    return r.color or _nth_color(i)
 
 
 def _figure(ncols: int):
