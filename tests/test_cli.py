@@ -104,25 +104,28 @@ def test_a_keyboard_interrupt_outside_the_loop_is_one_line_and_130(monkeypatch, 
     assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
 
 
+def _warning_lines(tmp_path, marker: str, *settings: str) -> list[str]:
+    """The stderr lines holding ``marker`` of a small training run that must succeed."""
+    proc = cli("train", *settings, "progress=false", f"output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [line for line in proc.stderr.splitlines() if marker in line]
+
+
 def test_our_warnings_are_one_line_on_the_command_line(tmp_path):
     # a batch with no divisor near micro_batch_size: the trainer warns once
-    proc = cli(
-        "train", "model=mlp", "strategy=bl", "limit_train_samples=254", "epochs=1", "batch_size=127",
-        "max_batch_size=127", "micro_batch_size=64", "progress=false", f"output_dir={tmp_path / 'run'}",
+    ours = _warning_lines(
+        tmp_path, "micro-batches of 1", "model=mlp", "strategy=bl", "limit_train_samples=254", "epochs=1",
+        "batch_size=127", "max_batch_size=127", "micro_batch_size=64",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ours = [line for line in proc.stderr.splitlines() if "micro-batches of 1" in line]
     assert len(ours) == 1 and ours[0].startswith("scaling-abs: warning: batch 127 runs as 127")
 
 
 def test_a_run_too_short_for_kappa_says_so_in_one_line(tmp_path):
     # once an epoch (the default) for one epoch: one check, at the last step, and kappa=10 needs 11
-    proc = cli(
-        "train", "model=mlp", "strategy=abs", "limit_train_samples=256", "epochs=1", "batch_size=64",
-        "max_batch_size=128", "hessian_samples=64", "progress=false", f"output_dir={tmp_path / 'run'}",
+    ours = _warning_lines(
+        tmp_path, "kappa=10", "model=mlp", "strategy=abs", "limit_train_samples=256", "epochs=1",
+        "batch_size=64", "max_batch_size=128", "hessian_samples=64",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ours = [line for line in proc.stderr.splitlines() if "kappa=10" in line]
     assert len(ours) == 1 and ours[0].startswith("scaling-abs: warning: 0 curvature checks before the last")
     assert ours[0].endswith("the batch cannot grow (the run has too few steps for 11)")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["max_batch_size"] == 64
