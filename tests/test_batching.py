@@ -61,10 +61,24 @@ def test_micro_batches_cover_the_global_batch_whatever_the_split():
 
 
 def test_stream_position_makes_growth_and_resume_consistent():
+    """A run that grows its batch or resumes builds a new sampler at the consumed-sample count: its
+    micro-batches (indices and augmentation seeds) continue the uninterrupted stream, across the
+    epoch boundary too."""
+
+    def take(sampler, n):
+        it = iter(sampler)
+        return [(list(m), m.seed) for m in (next(it) for _ in range(n))]
+
     order = SampleOrder(40, seed=1)
-    # 3 steps at 8 then growth to 16: the next step reads positions 24..40
-    it = iter(MicroBatchSampler(order, make_plan(16, 16, 1), start=24))
-    assert next(it) == order.indices(24, 16)
+    # uninterrupted: 8 steps of 8 samples in micro-batches of 8 (64 samples: epoch 0, then 1)
+    stream = take(MicroBatchSampler(order, make_plan(8, 8, 1), start=0), 8)
+    assert sorted(i for m, _ in stream[:5] for i in m) == list(range(40))  # one epoch: each sample once
+    assert len({s for _, s in stream}) == 8
+    # 3 steps at 8, growth to 16 (two micro-batches of 8) at 24, a resume at 56 in a fresh order
+    grown = take(MicroBatchSampler(order, make_plan(8, 8, 1), start=0), 3)
+    grown += take(MicroBatchSampler(order, make_plan(16, 8, 1), start=24), 4)
+    grown += take(MicroBatchSampler(SampleOrder(40, seed=1), make_plan(8, 8, 1), start=56), 1)
+    assert grown == stream
 
 
 def test_a_batch_without_a_divisor_near_the_micro_batch_warns():

@@ -114,15 +114,24 @@ def test_hf_dataset_saved_to_disk(tmp_path):
 
 
 def test_tensor_dataset_with_augmentation_is_per_sample():
+    """The batched fetch crops and flips each sample on its own: one image fetched eight times comes
+    back in several different crops (one crop for the whole batch, or none, passed the shape and
+    label check alone)."""
     from scaling_abs.data import _transforms
 
-    ds = TensorImageDataset(
-        torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8),
-        torch.arange(4),
-        _transforms("crop_flip", 32, True),
-    )
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8, generator=g)
+    ds = TensorImageDataset(images, torch.arange(4), _transforms("crop_flip", 32, True))
     x, y = ds.__getitems__([0, 1, 2])
     assert x.shape == (3, 3, 32, 32) and y.tolist() == [0, 1, 2]
+    torch.manual_seed(0)
+    x, y = ds.__getitems__([1] * 8)
+    plain = images[1].float() / 255
+    assert y.tolist() == [1] * 8
+    # each of 81 crops x 2 flips is drawn with probability 1/162 (the plain image is one of them):
+    # eight draws give several different ones (all 8 with this seed), rarely the plain image
+    assert len({tuple(xi.flatten().tolist()) for xi in x}) >= 4
+    assert sum(torch.equal(xi, plain) for xi in x) <= 1
 
 
 def test_seeded_augmentation_is_a_function_of_the_micro_batch_seed():

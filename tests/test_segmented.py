@@ -179,7 +179,7 @@ def test_checkpointed_under_autocast_is_close_to_fp32(dtype):
     ref = flat(hvp(net, cross_entropy_loss, (x, y), v, method="double_backward"))
     out = flat(hvp(net, cross_entropy_loss, (x, y), v, checkpoint=True, autocast_dtype=dtype))
     assert torch.isfinite(out).all()
-    assert rel(out, ref) < 5e-2
+    assert 1e-3 < rel(out, ref) < 5e-2  # bf16 4.4e-2 off here, fp16 2.9e-2: not fp32's product
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
