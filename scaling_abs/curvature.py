@@ -41,6 +41,10 @@ METHODS = ("auto", "double_backward", "forward_over_reverse")
 # 1024 keeps fp16 gradients of O(1e-4) representable; the HVP is linear in the loss, so it is divided back.
 FP16_LOSS_SCALE = 1024.0
 _AUTO_CHOICE: dict[tuple, str] = {}
+# ``method="auto"``'s choice on these devices without timing both methods first: on the CPU double
+# backward was faster for every model we measured (benchmarks/bench_hvp.py), and timing would also
+# pay torch.func's ~2 s first-call set-up. Elsewhere the first product of a kind of model times both.
+AUTO_UNTIMED: dict[str, str] = {"cpu": "double_backward"}
 
 
 @dataclass
@@ -334,10 +338,8 @@ def _grad_and_hvp(model, loss_fn, batch, params, vector, autocast_dtype, method,
         return _forward_over_reverse(*args)
     key = (_architecture(model), device.type, autocast_dtype, rules)
     choice = _AUTO_CHOICE.get(key)
-    if choice is None and device.type == "cpu":
-        # On CPU double backward was faster for every model we measured (benchmarks/bench_hvp.py);
-        # timing both would also pay torch.func's ~2 s first-call set-up.
-        choice = _AUTO_CHOICE[key] = "double_backward"
+    if choice is None and device.type in AUTO_UNTIMED:
+        choice = _AUTO_CHOICE[key] = AUTO_UNTIMED[device.type]
     if choice == "double_backward":
         return _double_backward(*args, rules)
     if choice == "forward_over_reverse":

@@ -571,6 +571,37 @@ def test_auto_settles_on_a_method_and_matches_it():
     assert curvature.auto_choice(ckpt) == "double_backward"
 
 
+def test_auto_times_both_methods_where_it_has_no_fixed_choice(monkeypatch):
+    """On a GPU ``auto`` times both methods at a kind of model's first product and keeps the faster,
+    and falls back to double backward where forward-over-reverse raises (activation checkpointing).
+    Run here on the CPU with its fixed choice taken away; the timing itself decides nothing tested."""
+    monkeypatch.setattr(curvature, "AUTO_UNTIMED", {})
+    monkeypatch.setattr(curvature, "_AUTO_CHOICE", {})
+    calls = {"double_backward": 0, "forward_over_reverse": 0}
+    for name in calls:
+        original = getattr(curvature, f"_{name}")
+
+        def counting(*args, original=original, name=name):
+            calls[name] += 1
+            return original(*args)
+
+        monkeypatch.setattr(curvature, f"_{name}", counting)
+    model, batch = tiny_mlp(seed=3), data()
+    v = [torch.ones_like(p) for p in model.parameters()]
+    expected = dense_hessian(model, batch) @ flat(v)
+    auto = flat(hvp(model, cross_entropy_loss, batch, v, method="auto"))
+    assert calls == {"double_backward": 2, "forward_over_reverse": 2}  # a warm-up and a timed run each
+    choice = curvature.auto_choice(model)
+    assert choice in ("double_backward", "forward_over_reverse")
+    torch.testing.assert_close(auto, expected, rtol=1e-5, atol=1e-6)
+    hvp(model, cross_entropy_loss, batch, v, method="auto")  # settled: one run of the chosen method
+    assert calls[choice] == 3 and sum(calls.values()) == 5
+    ckpt = Checkpointed(tiny_mlp(seed=3))
+    got = flat(hvp(ckpt, cross_entropy_loss, batch, v, method="auto"))
+    assert curvature.auto_choice(ckpt) == "double_backward"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_hessian_operator_used_directly_runs_attention_models():
     # Flash attention has no double backward; the operator itself picks the math kernel, not only
     # the functions that wrap it (top_eigenvalue, hvp).
