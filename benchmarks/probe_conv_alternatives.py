@@ -1,9 +1,9 @@
-"""Two more ways past the convolution floor of ``probe_conv_floor.py``, tried on ResNet-18's shapes.
+"""Three ways past the convolution floor of ``probe_conv_floor.py``, tried on ResNet-18's shapes.
 
 An exact product makes six convolutions per layer, in pairs whose results are added: the output's
 tangent ``conv(dx, W) + conv(x, V)``, the input gradient's ``A(dg, W) + A(g, V)`` and the weight
 gradient's ``B(dg, x) + B(g, dx)``. ``probe_conv_floor.py`` found ours already spends 0.62x classic's
-time in those calls alone, so 0.5x needs faster kernels or fewer multiply-adds. Two candidates:
+time in those calls alone, so 0.5x needs faster kernels or fewer multiply-adds. Three candidates:
 
 * Winograd: NNPACK (built into PyTorch's CPU wheels, ``torch._nnpack_spatial_convolution``) computes a
   stride-1 3x3 convolution with fewer multiplies than the direct method oneDNN uses. Compared with
@@ -13,7 +13,6 @@ time in those calls alone, so 0.5x needs faster kernels or fewer multiply-adds. 
   concatenated channels (``conv(cat(dx, x), cat(W, V))``) and the weight-gradient pair over
   concatenated images. Bigger calls may run closer to the machine's peak; the concatenations cost
   copies. Timed with the copies and without (inputs concatenated beforehand).
-
 * Weight gradients as matrix products: oneDNN's weight-gradient kernel runs well below its forward
   kernel's rate on small feature maps (ResNet-18's 512 channels on 4x4 maps: 29 against 69 G
   multiply-adds a second in a product). :func:`matmul_weight_grad` computes it as one matrix
@@ -29,7 +28,7 @@ round. The glibc setting the trainer uses on a CPU (``cpu_malloc``) is on.
 
     .venv/bin/python benchmarks/probe_conv_alternatives.py --rounds 7 \
         > benchmarks/results/probe_conv_alternatives_cpu.txt
-    .venv/bin/python benchmarks/probe_conv_alternatives.py --rounds 7 --models c1:128 \
+    .venv/bin/python benchmarks/probe_conv_alternatives.py --rounds 5 --models c1:128 \
         > benchmarks/results/probe_weight_grad_cpu_resnet18.txt
 """
 
