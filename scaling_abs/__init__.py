@@ -4,4 +4,24 @@ The core library (curvature, adversarial, schedules) is importable without Accel
 the trainer and CLI build on it.
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+# What a run's results depend on besides our code, by distribution name (not imported here).
+_DEPENDENCIES = ("torch", "torchvision", "accelerate", "deepspeed", "transformers", "datasets", "safetensors")
+
+
+def versions() -> dict[str, str | None]:
+    """This library's version, Python's and those of the installed dependencies (None: not
+    installed), as ``scaling-abs --version`` prints them and ``summary.json`` records them."""
+    import platform
+    from importlib import metadata
+
+    found: dict[str, str | None] = {"scaling_abs": __version__, "python": platform.python_version()}
+    for name in _DEPENDENCIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found

@@ -7,6 +7,7 @@
   scaling-abs report RUN_DIR... [--out DIR]
   scaling-abs compare [--config fmnist_s1] [--sizes 128 ... 32768] [--strategies ...] [--out DIR] ...
   scaling-abs convex [--classes 1 9] [--iterations 1000] [--out DIR] ...
+  scaling-abs --version                                          this library's version and its dependencies'
 
 scaling-abs COMMAND --help tells more. With no command (or only key=value settings) it trains:
 scaling-abs alone runs the embedded default.
@@ -24,6 +25,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from scaling_abs import versions
 from scaling_abs.errors import UserError
 
 
@@ -123,13 +125,22 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = fmt
 
 
+def format_versions(found: dict[str, str | None]) -> str:
+    """``scaling-abs 0.1.0 (python 3.11.2, torch 2.13.0, ..., deepspeed not installed)``."""
+    rest = ", ".join(f"{k} {v or 'not installed'}" for k, v in found.items() if k != "scaling_abs")
+    return f"scaling-abs {found['scaling_abs']} ({rest})"
+
+
 def main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-V", "--version"):
         argv = ["train", *argv]  # `scaling-abs` alone runs the embedded default
     if argv[0] in ("-h", "--help"):
         print(__doc__.strip())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(format_versions(versions()))
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

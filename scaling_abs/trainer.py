@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from scaling_abs import _malloc, _second_order, curvature, distributed
+from scaling_abs import _malloc, _second_order, curvature, distributed, versions
 from scaling_abs.adversarial import mix_adversarial
 from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan, small_micro_batches
 from scaling_abs.config import TrainConfig, dump_config, validate
@@ -913,6 +913,7 @@ class Trainer:
             "strategy": self.cfg.strategy,
             "model": self.cfg.model,
             "dataset": self.cfg.dataset,
+            "versions": versions(),
         }
         # Under DeepSpeed the parameters are views of flat buffers (ZeRO-1/2) or shards (ZeRO-3):
         # Accelerate's get_state_dict gathers them, on every rank (a collective under ZeRO-3).

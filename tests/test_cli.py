@@ -1,6 +1,7 @@
 """The command line: user errors are one line and exit code 2; a real run prints the summary table."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,19 @@ def test_help_and_help_keys():
     keys = cli("train", "--help-keys").stdout
     for key in ("hessian_every", "adv_fraction", "micro_batch_size", "deepspeed", "resume"):
         assert key in keys
+
+
+def test_version_names_the_library_and_its_dependencies():
+    import scaling_abs
+
+    project = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert scaling_abs.__version__ == project.group(1)  # one version, written twice
+    for flag in ("--version", "-V"):
+        proc = cli(flag)
+        assert proc.returncode == 0, proc.stderr
+        line = proc.stdout.strip()
+        assert line.startswith(f"scaling-abs {scaling_abs.__version__} (python ")
+        assert f"torch {scaling_abs.versions()['torch']}" in line and "accelerate " in line
 
 
 def test_a_small_run_end_to_end(tmp_path):
