@@ -7,7 +7,7 @@
   scaling-abs report RUN_DIR... [--out DIR]
   scaling-abs compare [--config fmnist_s1] [--sizes 128 ... 32768] [--strategies ...] [--out DIR] ...
   scaling-abs convex [--classes 1 9] [--iterations 1000] [--out DIR] ...
-  scaling-abs --version                                          this library's version and its dependencies'
+  scaling-abs --version | -V                                     this library's version and its dependencies'
 
 scaling-abs COMMAND --help tells more. With no command (or only key=value settings) it trains:
 scaling-abs alone runs the embedded default.
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0
     if argv[0] in ("-V", "--version"):
+        import torch  # noqa: F401  (imported, its version names the build, as summary.json records it)
+
         print(format_versions(versions()))
         return 0
     command, rest = argv[0], argv[1:]

@@ -304,6 +304,7 @@ class Trainer:
         self.n_train = len(self.data.train)
         self.order = SampleOrder(self.n_train, seed=cfg.seed)
         self.total_samples = int(math.ceil(cfg.epochs * self.n_train))
+        self.versions = versions()  # for summary.json, read at the start
         self.check_every = cfg.hessian_every or self.n_train
         self.eval_every = max(1, int(round(cfg.eval_every * self.n_train)))
         self.state = TrainState(next_check=self.check_every, next_eval=self.eval_every)
@@ -913,7 +914,7 @@ class Trainer:
             "strategy": self.cfg.strategy,
             "model": self.cfg.model,
             "dataset": self.cfg.dataset,
-            "versions": versions(),
+            "versions": self.versions,
         }
         # Under DeepSpeed the parameters are views of flat buffers (ZeRO-1/2) or shards (ZeRO-3):
         # Accelerate's get_state_dict gathers them, on every rank (a collective under ZeRO-3).
