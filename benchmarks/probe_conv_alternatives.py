@@ -38,9 +38,7 @@ import argparse
 import contextlib
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,8 +49,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from bench_hvp import _build  # noqa: E402
-from probe_conv_floor import Recorder  # noqa: E402
-from trainer_bench import cpu_model  # noqa: E402
+from probe_conv_floor import Recorder, _timed  # noqa: E402
+from trainer_bench import cpu_model, git_revision  # noqa: E402
 
 from scaling_abs import _malloc, _second_order  # noqa: E402
 from scaling_abs.curvature import HessianOperator, cross_entropy_loss, hvp  # noqa: E402
@@ -61,10 +59,14 @@ CL = torch.channels_last
 SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4))  # (channels, height = width) of the four stages
 
 
-def _weight_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``B(g, x)``: the weight gradient of a padded 3x3 convolution, as training computes it."""
+PADDED_3X3 = ([1, 1], [1, 1], [1, 1], 1)  # (stride, padding, dilation, groups) of a stage's convolution
+
+
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conf=PADDED_3X3) -> torch.Tensor:
+    """``B(g, x)``: oneDNN's weight gradient of ``conv(x, W)`` (groups 1), as training computes it."""
+    stride, padding, dilation, _ = conf
     return torch.ops.aten.convolution_backward(
-        g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+        g, x, w, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False]
     )[1]
 
 
@@ -186,17 +188,18 @@ def _in_situ(model_name: str, batch: int, rounds: int, max_positions: int) -> No
     model.eval()
     params = list(model.parameters())
     v = [torch.randn_like(p) for p in params]
+    limits = {"oneDNN": -1, "matrix products": max_positions}  # -1: no map goes to matrix products
     ops, values = {}, {}
-    for name in ("oneDNN", "matrix products"):
-        with matmul_weight_grads(max_positions if name == "matrix products" else -1):
+    for name, limit in limits.items():
+        with matmul_weight_grads(limit):
             ops[name] = HessianOperator(model, cross_entropy_loss, [data], params)
             values[name] = torch.cat([t.flatten() for t in ops[name](v)])
-    diff = ((values["matrix products"] - values["oneDNN"]).norm() / values["oneDNN"].norm()).item()
+    diff = _relative_error(values["matrix products"], values["oneDNN"].double())
     times: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(rounds):
         for name, op in ops.items():
-            with matmul_weight_grads(max_positions if name == "matrix products" else -1):
-                times[name].append(_time(lambda op=op: [op(v) for _ in range(2)]) / 2)
+            with matmul_weight_grads(limits[name]):
+                times[name].append(_ms(lambda op=op: [op(v) for _ in range(2)]) / 2)
     print(
         f"\n{model_name}, {batch} images: kept-graph products, weight gradients on maps of <= {max_positions} positions"
     )
@@ -223,9 +226,7 @@ def _weight_grads(model_name: str, batch: int, rounds: int) -> None:
         conf = (list(stride), list(padding), list(dilation), 1)
 
         def onednn(g=g, x=x, w=w, conf=conf):
-            return torch.ops.aten.convolution_backward(
-                g, x, w, None, conf[0], conf[1], conf[2], False, [0, 0], 1, [False, True, False]
-            )[1]
+            return _weight_grad(g, x, w, conf)
 
         def gemm(g=g, x=x, w=w, conf=conf):
             return matmul_weight_grad(g, x, w, conf)
@@ -234,7 +235,7 @@ def _weight_grads(model_name: str, batch: int, rounds: int) -> None:
         times: list[list[float]] = [[], []]
         for r in range(rounds + 1):
             for i, fn in enumerate((onednn, gemm)):
-                ms = _time(fn)
+                ms = _ms(fn)
                 if r:
                     times[i].append(ms)
         a, b = (statistics.median(t) for t in times)
@@ -247,10 +248,8 @@ def _weight_grads(model_name: str, batch: int, rounds: int) -> None:
     print(f"| all | | | {totals[0]:.0f} | {totals[1]:.0f} | {totals[1] / totals[0]:.2f}x |")
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+def _ms(fn) -> float:
+    return 1e3 * _timed(fn)
 
 
 def main() -> None:
@@ -269,28 +268,26 @@ def main() -> None:
     )
     args = ap.parse_args()
     _malloc.tune()
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    print(f"# benchmarks/probe_conv_alternatives.py {' '.join(sys.argv[1:])} (git {rev.stdout.strip()})")
+    print(f"# benchmarks/probe_conv_alternatives.py {' '.join(sys.argv[1:])} (git {git_revision()})")
     print(
         f"# {cpu_model()}; {platform.platform()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    if not args.models:
-        print(
-            f"# NNPACK available: {torch.backends.nnpack.is_available()}; batch {args.batch}, {args.rounds} rounds"
-        )
     if args.models:
         for spec in args.models:
             name, batch = spec.split(":")
             _weight_grads(name, int(batch), args.rounds)
             _in_situ(name, int(batch), args.rounds, args.max_positions)
         return
+    print(
+        f"# NNPACK available: {torch.backends.nnpack.is_available()}; batch {args.batch}, {args.rounds} rounds"
+    )
     total: dict[str, float] = {}
     for channels, size in SHAPES:
         cases, errors = _cases(args.batch, channels, size)
         times: dict[str, list[float]] = {name: [] for name in cases}
         for r in range(args.rounds + 1):
             for name, fn in cases.items():
-                ms = _time(fn)
+                ms = _ms(fn)
                 if r:
                     times[name].append(ms)
         print(f"\n{channels} channels, {size}x{size}: median ms [min-max], relative error")

@@ -24,7 +24,6 @@ import argparse
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_hvp import _build, classic_top_eigenvalue  # noqa: E402
+from trainer_bench import git_revision  # noqa: E402
 
 from scaling_abs import _malloc  # noqa: E402
 from scaling_abs.curvature import cross_entropy_loss, top_eigenvalue  # noqa: E402
@@ -178,10 +178,9 @@ def main() -> None:
     print()
     share = med["ours_convolutions_alone"] / med["ours"]
     print(f"ours: convolutions alone are {100 * share:.0f} % of the estimate")
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     print(
         f"# {platform.node()} {platform.machine()} torch {torch.__version__} threads {torch.get_num_threads()}"
-        f" cpu_malloc {not args.no_cpu_malloc} git {rev.stdout.strip()} rounds {args.rounds}"
+        f" cpu_malloc {not args.no_cpu_malloc} git {git_revision()} rounds {args.rounds}"
     )
 
 

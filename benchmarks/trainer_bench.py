@@ -34,6 +34,12 @@ def cpu_model() -> str:
     return f"{fields.get('model name', platform.machine())} ({ext})"
 
 
+def git_revision() -> str:
+    """The short commit hash of the repository the benchmarks run from, for their outputs."""
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return rev.stdout.strip()
+
+
 def run_record(command: str, overrides: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "command": command,
@@ -43,9 +49,7 @@ def run_record(command: str, overrides: dict[str, Any], summary: dict[str, Any])
             "processor": cpu_model(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "git": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-            ).stdout.strip(),
+            "git": git_revision(),
         },
         "training": {
             k: summary[k] for k in ("test_accuracy", "updates", "max_batch_size", "curvature_checks")
