@@ -70,7 +70,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer_bench import cpu_model  # noqa: E402  (beside this script)
+from trainer_bench import cpu_model, git_revision  # noqa: E402  (beside this script)
 
 from scaling_abs.curvature import (  # noqa: E402
     HessianOperator,
@@ -467,9 +467,6 @@ def main() -> None:
                 print(f"{'':9s} {'':26s} ! {note}", flush=True)
     ratios = _ratio_rows(results)
     print("\n".join(["", *ratios]))
-    rev = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     meta = {
         "command": " ".join(["benchmarks/bench_hvp.py", *sys.argv[1:]]),
         "machine": platform.node(),
@@ -478,7 +475,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "git_revision": rev,
+        "git_revision": git_revision(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "runs": args.runs,
         "batch": args.batch or "each model's own",

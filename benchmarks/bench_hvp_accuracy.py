@@ -31,7 +31,6 @@ import contextlib
 import copy
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from bench_hvp import MODELS, _build, checkpoint_blocks  # noqa: E402
+from trainer_bench import git_revision  # noqa: E402
 
 from scaling_abs.curvature import (  # noqa: E402
     HessianOperator,
@@ -170,13 +170,12 @@ def main() -> None:
             if "eigenvalue" in r:
                 what += f"  (eigenvalue {r['eigenvalue']:.6g}, fp64 {r['eigenvalue_fp64']:.6g})"
             print(f"{r['model']:9s} {r['setting']:13s} {r['row']:22s} {what}", flush=True)
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE.parent)
     meta = {
         "command": " ".join(["benchmarks/bench_hvp_accuracy.py", *sys.argv[1:]]),
         "machine": platform.node(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "git_revision": rev.stdout.strip(),
+        "git_revision": git_revision(),
     }
     out = Path(args.out or HERE / "results" / f"bench_hvp_accuracy_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from trainer_bench import git_revision  # noqa: E402
 
 from scaling_abs import _second_order  # noqa: E402
 from scaling_abs.curvature import HessianOperator, cross_entropy_loss, top_eigenvalue  # noqa: E402
@@ -157,14 +158,13 @@ def main() -> None:
             f" [{1e3 * min(estimate):.1f}-{1e3 * max(estimate):.1f}]   eigenvalue {r['eigenvalue']:.6g}",
             flush=True,
         )
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     meta = {
         "command": " ".join(["benchmarks/bench_rules_ab.py", *sys.argv[1:]]),
         "machine": platform.node(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "git_revision": rev.stdout.strip(),
+        "git_revision": git_revision(),
         "rounds": args.rounds,
         "sets": list(sets),
     }

@@ -18,7 +18,6 @@ import copy
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from trainer_bench import git_revision  # noqa: E402
 
 from scaling_abs._second_order import _nhwc  # noqa: E402
 from scaling_abs.models import build_model  # noqa: E402
@@ -86,14 +87,13 @@ def main() -> None:
         )
     ratio = results[1]["step_median_s"] / results[0]["step_median_s"]
     print(f"channels-last / NCHW: {ratio:.2f}x")
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     meta = {
         "command": " ".join(["benchmarks/bench_train_layout.py", *sys.argv[1:]]),
         "machine": platform.node(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "git_revision": rev.stdout.strip(),
+        "git_revision": git_revision(),
         "rounds": args.rounds,
     }
     if args.out:

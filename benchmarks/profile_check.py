@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import collections
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from trainer_bench import git_revision  # noqa: E402
 
 from scaling_abs import curvature  # noqa: E402
 from scaling_abs.config import load_config  # noqa: E402
@@ -151,10 +152,9 @@ def main() -> None:
     if args.table:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(profiler.key_averages().table(sort_by=sort, row_limit=args.table, max_name_column_width=48))
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.machine()
     print(
-        f"# {platform.node()} {name} torch {torch.__version__} threads {torch.get_num_threads()} git {rev.stdout.strip()}"
+        f"# {platform.node()} {name} torch {torch.__version__} threads {torch.get_num_threads()} git {git_revision()}"
     )
 
 
