@@ -396,8 +396,17 @@ class Trainer:
             with acc.autocast():
                 if adv_fraction > 0 and cfg.adv_eps > 0:
                     t0 = time.perf_counter()
-                    # FGSM on the unwrapped model: eval mode, no DDP hooks, grads untouched.
-                    inputs = mix_adversarial(self.raw_model, inputs, targets, adv_fraction, cfg.adv_eps)
+                    # FGSM on the unwrapped model: eval mode, no DDP hooks, grads untouched. The
+                    # global batch's ceil(gamma * B) rows, spread over its micro-batches and ranks.
+                    inputs = mix_adversarial(
+                        self.raw_model,
+                        inputs,
+                        targets,
+                        adv_fraction,
+                        cfg.adv_eps,
+                        global_batch=plan.global_batch,
+                        offset=acc.process_index * plan.per_rank + j * plan.micro,
+                    )
                     self.state.adversarial_time_s += time.perf_counter() - t0
                 loss = F.cross_entropy(self.model(inputs), targets)
             total_loss += loss.detach()

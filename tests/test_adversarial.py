@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaling_abs.adversarial import adversarial_count, fgsm, mix_adversarial
+from scaling_abs.adversarial import adversarial_count, adversarial_rows, fgsm, mix_adversarial
 
 
 def linear_model(seed=0):
@@ -79,15 +79,52 @@ def test_adversarial_count_is_ceil(n, fraction, k):
     assert adversarial_count(n, fraction) == k
 
 
-def test_mix_replaces_the_first_rows_only():
+def test_mix_replaces_evenly_spaced_rows_only():
     model = linear_model()
     x = torch.rand(10, 6, dtype=torch.float64) * 0.8 + 0.1
     y = torch.randint(0, 4, (10,))
     mixed = mix_adversarial(model, x, y, 0.2, 0.05)
-    torch.testing.assert_close(mixed[:2], fgsm(model, x[:2], y[:2], 0.05))
-    assert torch.equal(mixed[2:], x[2:])
-    assert not torch.equal(mixed[:2], x[:2])
+    rows, others = [0, 5], [1, 2, 3, 4, 6, 7, 8, 9]
+    torch.testing.assert_close(mixed[rows], fgsm(model, x[rows], y[rows], 0.05))
+    assert torch.equal(mixed[others], x[others])
+    assert not torch.equal(mixed[rows], x[rows])
     assert mix_adversarial(model, x, y, 0.0, 0.05) is x
+
+
+@pytest.mark.parametrize(
+    "batch, fraction", [(128, 0.2), (256, 0.2), (256, 0.025), (2048, 0.0125), (1000, 0.33), (7, 1.0)]
+)
+def test_adversarial_rows_do_not_depend_on_the_split(batch, fraction):
+    """ceil(fraction * B) rows of the global batch, evenly spaced, the same ones whatever the
+    micro-batches and processes (each piece rounding up on its own gave 52 of 256 rows at 0.2 on
+    one process and 128 on 128 processes)."""
+    whole = adversarial_rows(batch, fraction, 0, batch).tolist()
+    assert len(whole) == adversarial_count(batch, fraction)
+    gaps = {b - a for a, b in zip(whole, whole[1:])}
+    assert not gaps or max(gaps) - min(gaps) <= 1
+    for size in (1, 2, 3, 16, 40, 64):
+        if batch % size == 0:
+            pieces = [
+                o + i
+                for o in range(0, batch, size)
+                for i in adversarial_rows(batch, fraction, o, size).tolist()
+            ]
+            assert pieces == whole, size
+
+
+def test_a_micro_batch_mixes_its_rows_of_the_global_batch():
+    model = linear_model()
+    x = torch.rand(12, 6, dtype=torch.float64) * 0.8 + 0.1
+    y = torch.randint(0, 4, (12,))
+    whole = mix_adversarial(model, x, y, 0.25, 0.05)
+    pieces = [
+        mix_adversarial(model, x[o : o + 4], y[o : o + 4], 0.25, 0.05, global_batch=12, offset=o)
+        for o in (0, 4, 8)
+    ]
+    torch.testing.assert_close(torch.cat(pieces), whole)
+    assert int((whole != x).any(dim=1).sum()) == 3
+    with pytest.raises(ValueError, match="not inside a global batch of 12"):
+        mix_adversarial(model, x[:4], y[:4], 0.25, 0.05, global_batch=12, offset=10)
 
 
 def test_bad_arguments():
