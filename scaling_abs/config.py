@@ -102,7 +102,16 @@ class TrainConfig:
     adv_eps: float = _f(0.005, "FGSM step on inputs in [0, 1]")
     adv_fraction: float = _f(0.2, "ABSA: fraction gamma of each batch replaced by FGSM examples")
     adv_decay: float = _f(2.0, "ABSA: gamma is divided by this (omega) at every growth")
-    adv_stop_epoch: float = _f(-1.0, "ABSA: gamma is 0 from this epoch on (tau; -1 = half of training)")
+    adv_decay_on: str = _f(
+        "growth",
+        "ABSA: which growths divide gamma by omega: growth (every one) | drop (a drop's only, "
+        "Algorithm 1's line 12; a growth by kappa keeps gamma)",
+    )
+    adv_stop_epoch: float = _f(
+        -1.0,
+        "ABSA: gamma is 0 from this epoch on (tau; -1 = half of training: DESIGN.md's default, the paper "
+        "names tau but gives no value)",
+    )
     # execution
     mixed_precision: str = _f("no", "no | bf16 | fp16 (autocast; FGSM runs under the same autocast)")
     channels_last: bool = _f(
@@ -141,7 +150,8 @@ class TrainConfig:
 
     @property
     def resolved_adv_stop_epoch(self) -> float:
-        """tau: the paper stops adversarial examples after half of training by default."""
+        """tau: -1 is half of training (DESIGN.md's default; the paper names tau, Algorithm 1's
+        line 21, but gives no value)."""
         return self.epochs / 2 if self.adv_stop_epoch < 0 else self.adv_stop_epoch
 
 
@@ -364,6 +374,11 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     _check(cfg.alpha > 1, "alpha", f"must be > 1, got {cfg.alpha}")
     _check(cfg.beta > 1, "beta", f"must be > 1, got {cfg.beta}")
     _check(cfg.kappa >= 1, "kappa", f"must be >= 1, got {cfg.kappa}")
+    _check(
+        cfg.adv_decay_on in ("growth", "drop"),
+        "adv_decay_on",
+        f"unknown choice {cfg.adv_decay_on!r} (growth | drop)",
+    )
     _check(
         cfg.lr_scaling in ("linear", "sqrt", "none"),
         "lr_scaling",

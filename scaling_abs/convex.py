@@ -20,7 +20,8 @@ Every method is plain SGD (no momentum, as in the theorem) on the mean loss of i
   ``eta0 = lr / 100``); the top Hessian eigenvalue of the training loss comes from
   :func:`~scaling_abs.curvature.top_eigenvalue` every ``check_every`` samples. ABSA replaces
   ``gamma = 20 %`` of each batch with FGSM examples (eps = 0.005), gamma halved at each growth and
-  zero from iteration ``tau`` = half of the run (Algorithm 1, line 21).
+  zero from iteration ``tau`` = half of the run (Algorithm 1, line 21; the half is DESIGN.md's default,
+  the paper gives no value).
 
     scaling-abs convex                          # writes runs/convex/{convex.json, convex.md, convex.png}
     scaling-abs convex --iterations 300 --classes 0 6 --out /tmp/convex
@@ -189,7 +190,7 @@ def run_method(problem: _Problem, name: str, lr: float, log_every: int = 1) -> C
             idx = torch.as_tensor(order.indices(samples, b))
             x, y = problem.x[idx], problem.y[idx]
             step = lr * schedule.lr_scale if adaptive else lr
-            # gamma = 0 from iteration tau = half of the run (Algorithm 1, line 21)
+            # gamma = 0 from iteration tau = half of the run (Algorithm 1, line 21; DESIGN.md's tau)
             gamma = schedule.adv_fraction if it < cfg.iterations // 2 else 0.0
             if gamma > 0:
                 x = mix_adversarial(model, x, y, gamma, cfg.adv_eps, loss=bce)

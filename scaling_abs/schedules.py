@@ -20,6 +20,7 @@ from typing import Any
 from scaling_abs.errors import is_whole
 
 LR_RULES = ("linear", "sqrt", "none")
+ADV_DECAY_ON = ("growth", "drop")  # when ABSA divides gamma by omega: every growth, or drops only
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,10 @@ class AdaptiveBatchSize(Schedule):
     The first eigenvalue only sets the reference. A check whose magnitude is ``<= |ref| / alpha`` grows
     the batch by ``beta`` (capped at ``max_batch_size``) and becomes the new reference; every other
     check counts, and ``kappa`` of them in a row grow the batch with the reference unchanged. Each
-    growth divides the adversarial fraction by ``adv_decay`` (omega); at ``max_batch_size`` it is 0
-    and checks stop (``wants_checks`` is False). Non-finite eigenvalues are ignored.
+    growth divides the adversarial fraction by ``adv_decay`` (omega; ``adv_decay_on="drop"``: only a
+    growth by a drop does, as Algorithm 1's line 12 has it, and a growth by ``kappa`` keeps it); at
+    ``max_batch_size`` it is 0 and checks stop (``wants_checks`` is False). Non-finite eigenvalues
+    are ignored.
 
     >>> s = AdaptiveBatchSize(128, 1024, kappa=2, adv_fraction=0.2)
     >>> [(s.observe(e), s.batch_size) for e in (10.0, 6.0, 4.9, 4.0, 4.0, 1.0)]
@@ -229,6 +232,7 @@ class AdaptiveBatchSize(Schedule):
         kappa: int = 10,
         adv_fraction: float = 0.0,
         adv_decay: float = 2.0,
+        adv_decay_on: str = "growth",
         lr_scaling: str = "linear",
         lr_decay: float = 1.0,
         lr_decay_epochs: Sequence[float] = (),
@@ -259,8 +263,11 @@ class AdaptiveBatchSize(Schedule):
             raise ValueError(f"adv_fraction must be in [0, 1], got {adv_fraction}")
         if not 1 <= adv_decay < math.inf:
             raise ValueError(f"adv_decay must be a finite number >= 1, got {adv_decay}")
+        if adv_decay_on not in ADV_DECAY_ON:
+            raise ValueError(f"adv_decay_on must be one of {ADV_DECAY_ON}, got {adv_decay_on!r}")
         if lr_scaling not in LR_RULES:
             raise ValueError(f"lr_scaling must be one of {LR_RULES}, got {lr_scaling!r}")
+        self.adv_decay_on = adv_decay_on
         self.initial_batch_size, self.max_batch_size = batch_size, max_batch_size
         self.alpha, self.beta, self.kappa = alpha, beta, kappa
         self.adv_decay, self.lr_scaling = adv_decay, lr_scaling
@@ -285,15 +292,16 @@ class AdaptiveBatchSize(Schedule):
     def wants_checks(self) -> bool:  # type: ignore[override]
         return self.batch_size < self.max_batch_size
 
-    def _grow(self) -> None:
+    def _grow(self, by_drop: bool) -> None:
         # at least one sample more (a beta close to 1 would otherwise round back to the same batch),
         # rounded up to a multiple of multiple_of (the process count: each takes an equal share)
         grown = max(int(round(self.batch_size * self.beta)), self.batch_size + 1)
         grown = -(-grown // self.multiple_of) * self.multiple_of
         self.batch_size = min(grown, self.max_batch_size)
-        self.adv_fraction = (
-            0.0 if self.batch_size >= self.max_batch_size else self.adv_fraction / self.adv_decay
-        )
+        if self.batch_size >= self.max_batch_size:
+            self.adv_fraction = 0.0
+        elif by_drop or self.adv_decay_on == "growth":
+            self.adv_fraction /= self.adv_decay
         self.checks_without_growth = 0
         self.growths += 1
 
@@ -306,11 +314,11 @@ class AdaptiveBatchSize(Schedule):
         # magnitudes: the estimate is the largest-magnitude eigenvalue, which can be negative
         if abs(eigenvalue) <= abs(self.reference) / self.alpha:
             self.reference = eigenvalue
-            self._grow()
+            self._grow(by_drop=True)
             return True
         self.checks_without_growth += 1
         if self.checks_without_growth >= self.kappa:
-            self._grow()
+            self._grow(by_drop=False)
             return True
         return False
 
@@ -401,6 +409,7 @@ def build_schedule(
     kappa: int = 10,
     adv_fraction: float = 0.2,
     adv_decay: float = 2.0,
+    adv_decay_on: str = "growth",
     adv_stop_epoch: float | None = None,
     lr_scaling: str = "linear",
     lr_poly: tuple[float, float, float] | None = None,
@@ -434,6 +443,7 @@ def build_schedule(
             kappa=kappa,
             adv_fraction=adv_fraction if strategy == "absa" else 0.0,
             adv_decay=adv_decay,
+            adv_decay_on=adv_decay_on,
             lr_scaling=lr_scaling,
             lr_decay=lr_decay,
             lr_decay_epochs=lr_decay_epochs,

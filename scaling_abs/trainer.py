@@ -246,6 +246,7 @@ class Trainer:
             kappa=cfg.kappa,
             adv_fraction=cfg.adv_fraction,
             adv_decay=cfg.adv_decay,
+            adv_decay_on=cfg.adv_decay_on,
             adv_stop_epoch=cfg.resolved_adv_stop_epoch,
             lr_scaling=cfg.lr_scaling,
             lr_poly=cfg.resolved_lr_poly,

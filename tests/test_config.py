@@ -88,6 +88,7 @@ def test_the_defaults_check_once_an_epoch_and_the_demo_four_times():
         ("model=resnet1000", "model"),
         ("dataset=mnist3d", "dataset"),
         ("lr_scaling=cubic", "lr_scaling"),
+        ("adv_decay_on=kappa", "adv_decay_on"),
         ("hessian_block=first:2", "hessian_block"),
         ("mixed_precision=fp8", "mixed_precision"),
         ("deepspeed=/no/such/ds.json", "deepspeed"),

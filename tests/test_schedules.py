@@ -160,6 +160,22 @@ def test_absa_gamma_decay_and_tau():
     assert s.at(10).adv_fraction == 0.0
 
 
+@pytest.mark.parametrize("decay_on, gammas", [("growth", [0.1, 0.05, 0.025]), ("drop", [0.2, 0.1, 0.1])])
+def test_absa_gamma_decays_at_every_growth_or_at_drops_only(decay_on, gammas):
+    """Algorithm 1 halves gamma in its drop branch only (line 12; the kappa branch, lines 16-18,
+    leaves it); DESIGN.md's reading, the default, at every growth."""
+    s = AdaptiveBatchSize(128, 4096, kappa=2, adv_fraction=0.2, adv_decay_on=decay_on)
+    after = []
+    for eig in (10.0, 9.0, 9.0, 4.0, 3.9, 3.9):  # reference; kappa growth; drop; kappa growth
+        if s.observe(eig):
+            after.append(s.adv_fraction)
+    assert s.batch_size == 1024 and s.reference == 4.0
+    assert after == pytest.approx(gammas)
+    # at the cap gamma is 0 either way
+    capped = AdaptiveBatchSize(128, 256, kappa=1, adv_fraction=0.2, adv_decay_on=decay_on)
+    assert not capped.observe(1.0) and capped.observe(1.0) and capped.adv_fraction == 0.0
+
+
 @pytest.mark.parametrize("rule, expected", [("linear", 4.0), ("sqrt", 2.0), ("none", 1.0)])
 def test_lr_rules(rule, expected):
     s = AdaptiveBatchSize(128, 4096, kappa=1, lr_scaling=rule, lr_decay=0.1, lr_decay_epochs=[5])
@@ -192,6 +208,7 @@ def test_non_finite_eigenvalues_are_ignored():
         ({"adv_fraction": 1.1}, "adv_fraction"),
         ({"adv_decay": 0.5}, "adv_decay"),
         ({"lr_scaling": "cubic"}, "lr_scaling"),
+        ({"adv_decay_on": "kappa"}, "adv_decay_on"),
         ({"lr_decay": 0}, "lr_decay"),
         # not numbers in range: NaN and infinity used to pass (kappa=nan switched the kappa rule off)
         ({"kappa": math.nan}, "kappa"),

@@ -520,9 +520,11 @@ def test_a_fresh_run_replaces_a_finished_one_and_refuses_an_unfinished_one(tmp_p
 
 
 def test_raw_model_is_what_accelerate_unwraps(tmp_path):
-    trainer = Trainer(load_config(None, {**BASE, "output_dir": str(tmp_path / "run")}))
+    cfg = {**BASE, "strategy": "absa", "adv_decay_on": "drop", "output_dir": str(tmp_path / "run")}
+    trainer = Trainer(load_config(None, cfg))
     try:
         assert trainer.raw_model is trainer.accelerator.unwrap_model(trainer.model)
+        assert trainer.schedule.adv_decay_on == "drop"  # the setting reaches the schedule
     finally:
         trainer.close()
 
