@@ -37,7 +37,8 @@ class TrainConfig:
     # what to train
     model: str = _f("cnn", "model name (see README table) or hf:<name or local path>")
     dataset: str = _f(
-        "fashion_mnist", "fashion_mnist | cifar10 | cifar100 | svhn | tinyimagenet | imagenet | hf:<name>"
+        "fashion_mnist",
+        "fashion_mnist | cifar10 | cifar100 | svhn (train + extra) | svhn_extra (the paper's S1 set) | tinyimagenet | imagenet | hf:<name>",
     )
     data_dir: str = _f("", "data set folder; empty = the data set's default place")
     augmentation: str = _f(

@@ -22,12 +22,13 @@ from torch.utils.data import Dataset, default_collate
 from scaling_abs.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", "tinyimagenet", "imagenet")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", "svhn_extra", "tinyimagenet", "imagenet")
 MEAN_STD = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "svhn_extra": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),  # svhn's
     "tinyimagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
@@ -234,17 +235,26 @@ def _cifar(name, data_dir, aug, download):
     return train, test, 10 if name == "cifar10" else 100, 3, 32
 
 
-def _svhn(data_dir, aug, download):
+SVHN_SPLITS = {"svhn": ("train", "extra"), "svhn_extra": ("extra",)}  # training splits of each name
+
+
+def _svhn(name, data_dir, aug, download):
+    """``svhn``: train + extra (604,388 images); ``svhn_extra``: extra alone (531,131), what the paper
+    trains S1 on (Appendix B: "we choose the additional dataset"; Table 4's BL update counts are 20
+    epochs of it: 20,747 at 512). Test: the 26,032 test images. Every split named must be there."""
     import torchvision
 
+    splits = SVHN_SPLITS[name]
+    files = [f"{split}_32x32.mat" for split in (*splits, "test")]
     if not data_dir:
+        raise UserError(f"data_dir: {name} needs data_dir= (the folder with {', '.join(files)})")
+    missing = [f for f in files if not (Path(data_dir) / f).exists()]
+    if missing and not download:
         raise UserError(
-            "data_dir: svhn needs data_dir= (the folder with train_32x32.mat, extra_32x32.mat, test_32x32.mat)"
+            f"data_dir: {name} needs {', '.join(missing)} in {data_dir} (download=true fetches them when online)"
         )
     try:
-        parts = [torchvision.datasets.SVHN(data_dir, split="train", download=download)]
-        if download or (Path(data_dir) / "extra_32x32.mat").exists():  # the paper trains on train + extra
-            parts.append(torchvision.datasets.SVHN(data_dir, split="extra", download=download))
+        parts = [torchvision.datasets.SVHN(data_dir, split=split, download=download) for split in splits]
         te = torchvision.datasets.SVHN(data_dir, split="test", download=download)
     except RuntimeError as e:
         raise UserError(f"data_dir: {e} (in {data_dir}; download=true fetches it when online)") from None
@@ -392,8 +402,8 @@ def build_dataset(
         train, test, classes, channels, size = _fashion_mnist(data_dir, augmentation)
     elif name in ("cifar10", "cifar100"):
         train, test, classes, channels, size = _cifar(name, data_dir, augmentation, download)
-    elif name == "svhn":
-        train, test, classes, channels, size = _svhn(data_dir, augmentation, download)
+    elif name in SVHN_SPLITS:
+        train, test, classes, channels, size = _svhn(name, data_dir, augmentation, download)
     elif name == "tinyimagenet":
         train, test, classes, channels, size = _tinyimagenet(data_dir, augmentation)
     elif name == "imagenet":

@@ -55,6 +55,38 @@ def test_missing_data_is_a_user_error(tmp_path):
         build_dataset("mnist3d")
 
 
+def _write_svhn(root: Path, counts: dict[str, int]) -> None:
+    """torchvision's SVHN files: X of 32x32x3xN uint8, y of Nx1 with 10 for the digit 0."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    for split, n in counts.items():
+        x = rng.integers(0, 255, (32, 32, 3, n), dtype=np.uint8)
+        x[0, 0, 0, :] = {"train": 1, "extra": 2, "test": 3}[split]  # which split an image came from
+        savemat(root / f"{split}_32x32.mat", {"X": x, "y": (np.arange(n) % 10 + 1).reshape(n, 1)})
+
+
+def test_svhn_names_its_training_splits(tmp_path, monkeypatch):
+    """svhn: train + extra; svhn_extra (the s1 preset): extra alone, the paper's S1 set. A missing
+    split is one line naming it (svhn without extra_32x32.mat trained on train alone, silently)."""
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.SVHN, "_check_integrity", lambda self: True)  # our fakes
+    _write_svhn(tmp_path, {"train": 6, "extra": 10, "test": 4})
+    for name, size, sources in (("svhn", 16, {1, 2}), ("svhn_extra", 10, {2})):
+        d = build_dataset(name, data_dir=str(tmp_path))
+        assert (len(d.train), len(d.test), d.num_classes, d.in_channels, d.image_size) == (size, 4, 10, 3, 32)
+        x, y = d.train.__getitems__(list(range(size)))
+        assert {round(v * 255) for v in x[:, 0, 0, 0].tolist()} == sources
+        assert set(y.tolist()) <= set(range(10)) and 0 in y.tolist()  # label 10 is the digit 0
+    (tmp_path / "extra_32x32.mat").unlink()
+    for name in ("svhn", "svhn_extra"):
+        with pytest.raises(UserError, match=f"^data_dir: {name} needs extra_32x32.mat in "):
+            build_dataset(name, data_dir=str(tmp_path))
+    with pytest.raises(UserError, match="^data_dir: svhn_extra needs data_dir="):
+        build_dataset("svhn_extra")
+
+
 def _write_images(root: Path, classes: list[str], per_class: int, size: int = 8) -> None:
     from PIL import Image
 

@@ -33,7 +33,7 @@ MODELS: dict[str, ModelInfo] = {
     "cnn": ModelInfo(
         "-", "small CNN (2 conv + BN, 2 fc): the embedded default", "fashion_mnist", "none", vision.small_cnn
     ),
-    "s1": ModelInfo("S1", "AlexNet-like (Yao et al. 2018, C1)", "svhn", "none", vision.alexnet_like),
+    "s1": ModelInfo("S1", "AlexNet-like (Yao et al. 2018, C1)", "svhn_extra", "none", vision.alexnet_like),
     "c1": ModelInfo("C1", "ResNet-18, CIFAR variant", "cifar10", "none", vision.resnet18_cifar),
     "c2": ModelInfo("C2", "Wide-ResNet 16-4", "cifar10", "none", vision.wide_resnet_16_4),
     "c3": ModelInfo("C3", "SqueezeNext 1.0-23, CIFAR variant", "cifar10", "crop_flip", vision.squeezenext),
