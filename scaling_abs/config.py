@@ -92,7 +92,11 @@ class TrainConfig:
     hessian_warm_start: bool = _f(
         False, "start each check from the last check's eigenvector (+ a random part)"
     )
-    hessian_block: str = _f("all", "parameters of the Hessian: all | last:N (last N modules with parameters)")
+    hessian_block: str = _f(
+        "all",
+        "parameters of the Hessian: all | last:N (the last N layers with parameters, each with the "
+        "normalization layers after it)",
+    )
     hessian_bn_mode: str = _f(
         "eval",
         "BatchNorm during checks: eval (paper's code) | train (batch statistics; buffers restored, dropout off)",

@@ -76,13 +76,22 @@ def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor
     return _cross_entropy_head(model(batch[0]), batch)
 
 
+NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
 def last_layers(model: nn.Module, n: int) -> list[nn.Parameter]:
-    """Trainable parameters of the last ``n`` modules (in ``model.modules()`` order) that own
-    parameters directly: the block Hessian of paper Section 4.3."""
+    """Trainable parameters of the last ``n`` layers: the block Hessian of paper Section 4.3 ("the
+    last two layers of C1"). A layer is a module that owns parameters directly and is not a
+    normalization layer (BatchNorm, LayerNorm, GroupNorm, in ``model.modules()`` order); the
+    normalization layers after the first of the ``n`` belong to them (ResNet-18's ``last:2``: its
+    last convolution, that convolution's BatchNorm and the classifier). A model of normalization
+    layers only counts those."""
     if n < 1:
         raise ValueError(f"last_layers: n must be >= 1, got {n}")
     owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    params = [p for m in owners[-n:] for p in m.parameters(recurse=False) if p.requires_grad]
+    layers = [i for i, m in enumerate(owners) if not isinstance(m, NORMALIZATION)] or list(range(len(owners)))
+    first = layers[-n] if n <= len(layers) else 0
+    params = [p for m in owners[first:] for p in m.parameters(recurse=False) if p.requires_grad]
     return list({id(p): p for p in params}.values())  # a weight tied between two of them, once
 
 

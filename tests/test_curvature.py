@@ -707,6 +707,30 @@ def test_bn_mode_train_keeps_dropout_off():
     assert one == pytest.approx(evaluated, rel=1e-9)  # no BatchNorm here: the same Hessian
 
 
+def test_last_layers_count_weight_layers_and_take_their_normalization_along():
+    """The paper's "last two layers" (Section 4.3): BatchNorm is part of the layer it follows, not a
+    layer of its own (ResNet-18's last:2 was its last BatchNorm and the classifier, 6,154 of 11.2 M
+    parameters)."""
+    from scaling_abs.models import build_model
+
+    model = tiny_bn_cnn()
+    conv, bn, linear = model[0], model[1], model[4]
+    assert last_layers(model, 1) == [linear.weight, linear.bias]
+    assert last_layers(model, 2) == [conv.weight, conv.bias, bn.weight, bn.bias, linear.weight, linear.bias]
+    assert last_layers(model, 5) == list(model.parameters())
+    norms = nn.Sequential(nn.LayerNorm(4), nn.LayerNorm(4))  # normalization layers only: they count
+    assert last_layers(norms, 1) == list(norms[1].parameters())
+    resnet = build_model("c1", num_classes=10, in_channels=3, image_size=32)
+    names = {id(p): n for n, p in resnet.named_parameters()}
+    assert [names[id(p)] for p in last_layers(resnet, 2)] == [
+        "model.layer4.1.conv2.weight",
+        "model.layer4.1.bn2.weight",
+        "model.layer4.1.bn2.bias",
+        "model.fc.weight",
+        "model.fc.bias",
+    ]
+
+
 def test_last_layers_lists_a_tied_weight_once():
     torch.manual_seed(0)
     embed, head = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
