@@ -9,7 +9,11 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 # The venv is (re)built when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# stock Debian's python3 makes no venv without the python3-venv package: installed when missing
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "$(PY) -m venv failed: installing Debian's python3-venv"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3-venv && $(PY) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# --isolated: the registry's matched torch/torchvision pair, not the local CPU-only torch wheel
 	# (that one breaks torchvision's import: "operator torchvision::nms does not exist").

@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0
     if argv[0] in ("-V", "--version"):
-        import torch  # noqa: F401  (imported, its version names the build, as summary.json records it)
+        # imported, torch and torchvision name their build (2.13.0+cu130), as a run's summary.json
+        # records them (a run imports both; the others' versions equal their metadata)
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
 
         print(format_versions(versions()))
         return 0
