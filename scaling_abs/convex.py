@@ -297,7 +297,9 @@ def plot(result: dict, path: str | Path) -> None:
 
 def main(argv: list[str]) -> int:
     d = ConvexConfig()
-    parser = argparse.ArgumentParser(prog="scaling-abs convex", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser = argparse.ArgumentParser(
+        prog="scaling-abs convex", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     parser.add_argument("--classes", nargs=2, type=int, default=list(d.classes), metavar=("NEG", "POS"))
     parser.add_argument("--data-dir", default=d.data_dir)
     parser.add_argument("--iterations", type=int, default=d.iterations)
