@@ -444,9 +444,21 @@ class Trainer:
         slow = small_micro_batches(plan, self.cfg.micro_batch_size)
         if slow:  # once per plan: this runs when the plan changes (and at the start)
             _warn(slow)
-        if self.engine is not None and plan.global_batch != self.engine.train_batch_size():
-            # Only at an optimizer-step boundary (DESIGN pitfalls); moves DeepSpeed's accumulation count.
-            self.engine.set_train_batch_size(plan.global_batch)
+        engine = self.engine
+        if engine is not None and (engine.train_micro_batch_size_per_gpu(), engine.train_batch_size()) != (
+            plan.micro,
+            plan.global_batch,
+        ):
+            # Only at an optimizer-step boundary (DESIGN pitfalls). The micro-batch first: DeepSpeed
+            # divides each micro-batch's loss by the accumulation count it derives from the batch and
+            # its micro-batch, and the plan's micro-batch grows while the share is below
+            # micro_batch_size (set_train_batch_size alone kept 64 and divided a 256 by 4, not 1).
+            engine.set_train_micro_batch_size(plan.micro)
+            engine.set_train_batch_size(plan.global_batch)
+            assert engine.gradient_accumulation_steps() == plan.accumulation, (
+                engine.gradient_accumulation_steps(),
+                plan,
+            )
         self.plan = plan
         self._loader_iter = iter(self._loader(plan))
 
