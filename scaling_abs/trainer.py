@@ -160,6 +160,21 @@ def _deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
         raise UserError(f"deepspeed: cannot read {cfg.deepspeed}: {e}") from None
     if not isinstance(ds, dict):
         raise UserError(f"deepspeed: {cfg.deepspeed} must hold a JSON object of DeepSpeed settings")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise UserError(
+                f'deepspeed: {cfg.deepspeed} names {"an" if key == "optimizer" else "a"} {key} ("{key}": ...); '
+                "the run's SGD and learning rate schedule are the method's (lr, momentum, weight_decay, "
+                "lr_decay...): remove it"
+            )
+    if ds.get("zero_force_ds_cpu_optimizer") is True:
+        raise UserError(
+            f"deepspeed: zero_force_ds_cpu_optimizer true in {cfg.deepspeed} replaces the run's SGD with "
+            "DeepSpeed's CPU Adam when the optimizer is offloaded; set it to false"
+        )
+    # Accelerate (and DeepSpeed) swap any optimizer for DeepSpeed's CPU Adam under optimizer offload
+    # unless told not to: zero3_offload ran Adam at SGD's lr, and diverged.
+    ds["zero_force_ds_cpu_optimizer"] = False
     fill = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro,
@@ -170,6 +185,15 @@ def _deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
     for key, value in fill.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
+        elif ds[key] != value:  # DeepSpeed's would win: a traceback, or a silently other run
+            ours = (
+                "grad_clip"
+                if key == "gradient_clipping"
+                else "the first plan (batch_size, micro_batch_size, processes)"
+            )
+            raise UserError(
+                f'deepspeed: {key} in {cfg.deepspeed} is {ds[key]!r}, the run\'s is {value} (from {ours}); set it to "auto"'
+            )
     for prec, on in (("bf16", cfg.mixed_precision == "bf16"), ("fp16", cfg.mixed_precision == "fp16")):
         if isinstance(ds.get(prec), dict) and ds[prec].get("enabled") == "auto":
             ds[prec]["enabled"] = on
@@ -297,6 +321,8 @@ class Trainer:
         self._raw_model = self.model
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.engine = self.model if acc.distributed_type.name == "DEEPSPEED" else None
+        if self.engine is not None:  # the method's SGD, not an optimizer DeepSpeed swapped in
+            assert isinstance(self.engine.basic_optimizer, torch.optim.SGD), type(self.engine.basic_optimizer)
         if cfg.deepspeed and self.engine is None:
             # Accelerate drops its DeepSpeed plugin without a word in some set-ups (cpu=True did).
             raise UserError(

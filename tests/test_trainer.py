@@ -546,6 +546,40 @@ def test_a_deepspeed_file_that_is_not_an_object(tmp_path):
         _deepspeed_config(load_config(None, {"deepspeed": str(path)}), make_plan(128, 128))
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"train_batch_size": 256}, r"train_batch_size in .* is 256, the run's is 128 \(from the first plan"),
+        (
+            {"train_micro_batch_size_per_gpu": 16},
+            "train_micro_batch_size_per_gpu in .* is 16, the run's is 64",
+        ),
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps in .* is 4, the run's is 2"),
+        ({"gradient_clipping": 1.0}, r"gradient_clipping in .* is 1.0, the run's is 0.0 \(from grad_clip\)"),
+        ({"optimizer": {"type": "Adam"}}, r"\S+ names an optimizer"),
+        ({"scheduler": {"type": "WarmupLR"}}, r"\S+ names a scheduler"),
+        (
+            {"zero_force_ds_cpu_optimizer": True},
+            "zero_force_ds_cpu_optimizer true in .* replaces the run's SGD",
+        ),
+    ],
+)
+def test_deepspeed_settings_that_would_change_the_run_are_refused(tmp_path, settings, message):
+    """DeepSpeed's explicit batch values won over ours: a traceback, or (consistent among themselves)
+    another accumulation count, silently; an optimizer there is not the method's SGD."""
+    from scaling_abs.batching import make_plan
+    from scaling_abs.trainer import _deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "zero2.json").read_text()), **settings}))
+    with pytest.raises(UserError, match="^deepspeed: " + message):
+        _deepspeed_config(load_config(None, {"deepspeed": str(path)}), make_plan(128, 64))
+    same = {"train_batch_size": 128, "train_micro_batch_size_per_gpu": 64, "gradient_accumulation_steps": 2}
+    path.write_text(json.dumps(same))  # explicit and equal to the plan: taken
+    ds = _deepspeed_config(load_config(None, {"deepspeed": str(path)}), make_plan(128, 64))
+    assert {k: ds[k] for k in same} == same and ds["zero_force_ds_cpu_optimizer"] is False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -596,10 +630,13 @@ def test_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_trains_like_the_plain_run(tmp_path):
+@pytest.mark.parametrize("ds_file, stage", [("zero2.json", 2), ("zero3_offload.json", 3)])
+def test_deepspeed_zero2_trains_like_the_plain_run(tmp_path, ds_file, stage):
     """ZeRO-2 with SGD, batch growth included, against the plain Accelerate run (1e-4 relative). The
     micro-batch grows with the batch (64, 128, 256: below micro_batch_size), and DeepSpeed must know:
-    it divides each micro-batch's loss by the accumulation count it derives from it (0.45 off)."""
+    it divides each micro-batch's loss by the accumulation count it derives from it (0.45 off).
+    ZeRO-3 with offloaded optimizer states too: Accelerate swapped the SGD for DeepSpeed's CPU Adam
+    there (15x off, diverging)."""
     pytest.importorskip("deepspeed")
     overrides = {**BASE, "strategy": "abs", "hessian_every": 128, "kappa": 1, "micro_batch_size": 512}
     plain, w_plain = run(tmp_path, "plain", **overrides)
@@ -619,9 +656,7 @@ def test_deepspeed_zero2_trains_like_the_plain_run(tmp_path):
     cmd = [
         sys.executable,
         str(ROOT / "tests" / "_dist_train_worker.py"),
-        json.dumps(
-            {**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / "zero2.json")}
-        ),
+        json.dumps({**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / ds_file)}),
         str(out),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -633,7 +668,9 @@ def test_deepspeed_zero2_trains_like_the_plain_run(tmp_path):
         plain["max_batch_size"],
     )
     assert zero2["max_batch_size"] > 64  # the batch grew through engine.set_train_batch_size
-    assert zero2["deepspeed_zero_stage"] == 2 and plain["deepspeed_zero_stage"] is None  # really DeepSpeed
+    assert (
+        zero2["deepspeed_zero_stage"] == stage and plain["deepspeed_zero_stage"] is None
+    )  # really DeepSpeed
     assert_close(w_plain, load_file(str(out / "model.safetensors")), rtol=1e-4)
 
 
