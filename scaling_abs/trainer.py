@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,38 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _launch_settings(cfg: TrainConfig) -> TrainConfig:
+    """The run as launched: ``accelerate launch`` with a DeepSpeed config file gives its file when
+    ``deepspeed=`` is empty (the run was a plain one, silently); a multi-process environment must be
+    whole (Accelerate raised a traceback); a DeepSpeed run started without a launcher gets a
+    one-process group on the loopback address (DeepSpeed otherwise looks for MPI, and fails)."""
+    env = os.environ
+    if not cfg.deepspeed and env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+        if not path:
+            raise UserError(
+                "deepspeed: launched with an Accelerate DeepSpeed config that names no DeepSpeed JSON file "
+                "(deepspeed_config_file); pass one as deepspeed=<file> (ds_configs/ has some)"
+            )
+        cfg = replace(cfg, deepspeed=path)
+    world = env.get("WORLD_SIZE", "1")
+    if not world.isdigit():
+        raise UserError(f"launch: WORLD_SIZE must be a process count, got {world!r}")
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in env]
+    if int(world) > 1 and missing:
+        raise UserError(
+            f"launch: WORLD_SIZE={world} but {', '.join(missing)} not set; start the processes with torchrun "
+            "or accelerate launch, which set all of " + ", ".join(DISTRIBUTED_VARIABLES)
+        )
+    if cfg.deepspeed and not any(v in env for v in DISTRIBUTED_VARIABLES):
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        env["MASTER_PORT"] = str(distributed.free_port())
+    return cfg
+
+
 def _build_accelerator(cfg: TrainConfig, plan: Plan):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -212,6 +244,7 @@ def _deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
 # the LR schedule, the checks' settings).
 RUN_KEYS = ("model", "dataset", "strategy", "batch_size", "max_batch_size", "seed", "limit_train_samples")
 CHECKPOINT_CONFIG = "run_config.yaml"
+CHECKPOINT_LAUNCH = "launch.json"  # the process count and ZeRO stage a checkpoint was written with
 
 
 def _finished_summary(output_dir: Path, step: int | None = None) -> dict[str, Any] | None:
@@ -248,6 +281,7 @@ class Trainer:
     """Builds everything from a config and runs it; :meth:`fit` returns the summary dict."""
 
     def __init__(self, cfg: TrainConfig):
+        cfg = _launch_settings(cfg)
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -673,6 +707,7 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             dump_config(self.cfg, tmp / CHECKPOINT_CONFIG)  # what resuming it must agree with
+            (tmp / CHECKPOINT_LAUNCH).write_text(json.dumps(self._launch()))
             (tmp / "trainer_state.json").write_text(json.dumps(self.state.state_dict()))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -782,8 +817,28 @@ class Trainer:
             ) from None
         return path
 
+    def _launch(self) -> dict[str, Any]:
+        stage = self.engine.zero_optimization_stage() if self.engine is not None else None
+        return {"processes": self.accelerator.num_processes, "deepspeed_zero_stage": stage}
+
     def _check_resumable(self, path: Path) -> None:
-        """The checkpoint's run-defining settings (:data:`RUN_KEYS`) against this run's."""
+        """The checkpoint's run-defining settings (:data:`RUN_KEYS`) against this run's, and under
+        DeepSpeed its process count and ZeRO stage (its optimizer state is saved per rank; a plain
+        run's checkpoint resumes on any number of processes)."""
+        launch = path / CHECKPOINT_LAUNCH
+        if launch.exists():
+            old, now = json.loads(launch.read_text()), self._launch()
+            stages = old["deepspeed_zero_stage"], now["deepspeed_zero_stage"]
+            if stages[0] != stages[1] or (stages[1] is not None and old["processes"] != now["processes"]):
+                ran = [
+                    "{} processes, DeepSpeed ZeRO stage {}".format(d["processes"], d["deepspeed_zero_stage"])
+                    for d in (old, now)
+                ]
+                raise UserError(
+                    f"resume: {path} was written by {ran[0]}, this run has {ran[1]} (None: no "
+                    "DeepSpeed); a DeepSpeed checkpoint resumes with its stage and process count, a "
+                    "plain one without DeepSpeed on any number of processes"
+                )
         saved = path / CHECKPOINT_CONFIG
         if not saved.exists():  # written before the file existed: the state dicts still check
             return

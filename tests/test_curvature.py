@@ -3,7 +3,6 @@
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from scaling_abs.curvature import (
     top_eigenvalue,
     warm_start,
 )
+from scaling_abs.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["double_backward", "forward_over_reverse"]
@@ -506,12 +506,6 @@ def test_block_helpers_and_bad_arguments():
         top_eigenvalue(model, cross_entropy_loss, [data()], bn_mode="frozen")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_eigenvalue(tmp_path):
     model, (x, y) = tiny_mlp(), data(40)
@@ -527,7 +521,7 @@ def test_two_processes_give_the_one_process_eigenvalue(tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(worker),
         str(tmp_path),
     ]

@@ -5,7 +5,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import warnings
@@ -16,8 +15,17 @@ import torch
 from safetensors.torch import load_file
 
 from scaling_abs.config import load_config
+from scaling_abs.distributed import free_port
 from scaling_abs.errors import UserError
-from scaling_abs.trainer import CURVATURE_STATE_FILE, CurvatureState, Trainer, _checkpoints, train
+from scaling_abs.trainer import (
+    CURVATURE_STATE_FILE,
+    DISTRIBUTED_VARIABLES,
+    CurvatureState,
+    Trainer,
+    _checkpoints,
+    _launch_settings,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small, fast, exact: fp32, a model without batch statistics, plain SGD.
@@ -482,6 +490,17 @@ def test_resume_errors_a_user_can_cause(tmp_path):
     for change in ({"model": "cnn"}, {"strategy": "bl"}, {"batch_size": 128}):
         with pytest.raises(UserError, match=r"^resume: .* was written with .* this run has"):
             train(load_config(None, {**kw, **change, "epochs": 0.5, "resume": "auto"}))
+    # a DeepSpeed checkpoint (its optimizer state saved per rank) resumes on its stage and processes
+    ckpt = _checkpoints(out)[-1]
+    assert json.loads((ckpt / "launch.json").read_text()) == {"processes": 1, "deepspeed_zero_stage": None}
+    (ckpt / "launch.json").write_text(json.dumps({"processes": 2, "deepspeed_zero_stage": 2}))
+    with pytest.raises(
+        UserError,
+        match=r"^resume: .* was written by 2 processes, DeepSpeed ZeRO stage 2, this run has 1 processes, "
+        r"DeepSpeed ZeRO stage None \(None: no DeepSpeed\)",
+    ):
+        train(load_config(None, {**kw, "epochs": 0.5, "resume": "auto"}))
+    (ckpt / "launch.json").write_text(json.dumps({"processes": 1, "deepspeed_zero_stage": None}))
     # a checkpoint from before its settings were saved in it: the state dicts still catch another model
     for ckpt in _checkpoints(out):
         (ckpt / "run_config.yaml").unlink()
@@ -536,6 +555,42 @@ def test_a_model_too_deep_for_the_images_is_a_user_error():
         build_data_and_model(load_config(None, {"model": "i2", "limit_train_samples": 64}))
 
 
+def test_the_launch_environment(monkeypatch):
+    """accelerate launch with a DeepSpeed config but no deepspeed= ran a plain run, silently; a
+    partial multi-process environment was Accelerate's traceback; DeepSpeed without a launcher
+    looked for MPI."""
+    for name in (*DISTRIBUTED_VARIABLES, "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.setenv(name, "0")
+        monkeypatch.delenv(name)  # absent now, and absent again after the test
+    plain = load_config(None, {})
+    assert _launch_settings(plain) is plain and "RANK" not in os.environ
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(
+        UserError, match="^deepspeed: launched with an Accelerate DeepSpeed config that names no"
+    ):
+        _launch_settings(plain)
+    ds_file = str(ROOT / "ds_configs" / "zero2.json")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", ds_file)
+    launched = _launch_settings(plain)
+    assert launched.deepspeed == ds_file and plain.deepspeed == ""
+    assert {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+    }
+    assert int(os.environ["MASTER_PORT"]) > 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR")
+    with pytest.raises(
+        UserError, match="^launch: WORLD_SIZE=2 but MASTER_ADDR not set; start the processes with"
+    ):
+        _launch_settings(plain)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(UserError, match="^launch: WORLD_SIZE must be a process count"):
+        _launch_settings(plain)
+
+
 def test_a_deepspeed_file_that_is_not_an_object(tmp_path):
     from scaling_abs.batching import make_plan
     from scaling_abs.trainer import _deepspeed_config
@@ -580,12 +635,6 @@ def test_deepspeed_settings_that_would_change_the_run_are_refused(tmp_path, sett
     assert {k: ds[k] for k in same} == same and ds["zero_force_ds_cpu_optimizer"] is False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     overrides = {
@@ -610,7 +659,7 @@ def test_two_processes_match_one(tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(ROOT / "tests" / "_dist_train_worker.py"),
         json.dumps({**overrides, "output_dir": str(out)}),
         str(out),
@@ -642,17 +691,10 @@ def test_deepspeed_zero2_trains_like_the_plain_run(tmp_path, ds_file, stage):
     plain, w_plain = run(tmp_path, "plain", **overrides)
     out = tmp_path / "zero2"
     out.mkdir()
-    # DeepSpeed falls back to MPI without these: a plain single-process run must set them.
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-    }
+    # no launcher and none of RANK, WORLD_SIZE, MASTER_*: the trainer gives DeepSpeed a one-process
+    # group on the loopback address (it looked for MPI, and failed)
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [
         sys.executable,
         str(ROOT / "tests" / "_dist_train_worker.py"),
@@ -688,7 +730,7 @@ def test_deepspeed_zero3_two_processes_train_like_one_plain_process(tmp_path):
     out.mkdir()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(ROOT / "tests" / "_dist_train_worker.py"),
+        "--master_port", str(free_port()), str(ROOT / "tests" / "_dist_train_worker.py"),
         json.dumps({**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / "zero3.json")}),
         str(out),
     ]  # fmt: skip
