@@ -36,6 +36,22 @@ def all_reduce_sum_(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
+def average_buffers_(module: torch.nn.Module) -> None:
+    """Average ``module``'s floating-point buffers (BatchNorm's running statistics) across ranks, in
+    place. Each rank updates them from its own micro-batches; DDP copies rank 0's at its next
+    forward only and DeepSpeed never, so FGSM, checks and evaluation (all in eval mode) saw a
+    different model on each rank."""
+    if not is_distributed():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        if b.is_floating_point():
+            by_dtype.setdefault(b.dtype, []).append(b)
+    for buffers in by_dtype.values():
+        for b in all_reduce_sum_(buffers):
+            b.div_(dist.get_world_size())
+
+
 def all_reduce_sum(x: float | torch.Tensor) -> float | torch.Tensor:
     """Sum a scalar (float or 0-d tensor) across ranks; returns the same kind it was given."""
     if not is_distributed():

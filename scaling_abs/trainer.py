@@ -496,6 +496,8 @@ class Trainer:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if acc.num_processes > 1:  # one set of BatchNorm statistics for all ranks
+            distributed.average_buffers_(self.raw_model)
         # sync point: the loss is logged every step (mean over micro-batches and ranks)
         mean = acc.reduce(total_loss / plan.accumulation, reduction="mean")
         return float(mean)

@@ -636,6 +636,19 @@ def test_deepspeed_settings_that_would_change_the_run_are_refused(tmp_path, sett
 
 
 @pytest.mark.slow
+def two_processes(out: Path, overrides: dict) -> None:
+    """``_dist_train_worker.py`` under torchrun with 2 processes, writing into ``out``."""
+    out.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(ROOT / "tests" / "_dist_train_worker.py"),
+        json.dumps({**overrides, "output_dir": str(out)}), str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_processes_match_one(tmp_path):
     overrides = {
         **BASE,
@@ -648,24 +661,7 @@ def test_two_processes_match_one(tmp_path):
     }
     one, w_one = run(tmp_path, "one", **overrides)
     out = tmp_path / "two"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "tests" / "_dist_train_worker.py"),
-        json.dumps({**overrides, "output_dir": str(out)}),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    two_processes(out, overrides)
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     # the ranks really synchronised (a silent no-sync run would differ here)
     assert_close(r0, r1, rtol=0.0)
@@ -676,6 +672,26 @@ def test_two_processes_match_one(tmp_path):
     eig_two = [r["eigenvalue"] for r in read_metrics(out) if r["kind"] == "check"]
     assert len(eig_one) == len(eig_two) > 1
     torch.testing.assert_close(torch.tensor(eig_two), torch.tensor(eig_one), rtol=1e-4, atol=0.0)
+
+
+def test_two_processes_share_one_set_of_batchnorm_statistics(tmp_path):
+    """Each rank updated BatchNorm's running statistics from its own micro-batches: at every check
+    (and FGSM, and evaluation under DeepSpeed: all in eval mode) each rank had another model. They
+    are averaged after every step."""
+    overrides = {
+        **BASE,
+        "model": "cnn",
+        "strategy": "absa",
+        "hessian_every": 256,
+        "kappa": 1,
+        "micro_batch_size": 16,
+    }
+    out = tmp_path / "two"
+    two_processes(out, overrides)
+    b0, b1 = (json.loads((out / f"rank{r}_check_buffers.json").read_text()) for r in (0, 1))
+    assert len(b0) == len(b1) >= 2 and len(b0[0]) == 6  # the input normalisation, two BatchNorms
+    assert b0 == b1  # the same to the last bit
+    assert_close(*(torch.load(out / f"rank{r}.pt") for r in (0, 1)), rtol=0.0)
 
 
 @pytest.mark.slow
@@ -727,16 +743,7 @@ def test_deepspeed_zero3_two_processes_train_like_one_plain_process(tmp_path):
     }  # fmt: skip
     plain, w_plain = run(tmp_path, "plain", **overrides)
     out = tmp_path / "zero3"
-    out.mkdir()
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(ROOT / "tests" / "_dist_train_worker.py"),
-        json.dumps({**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / "zero3.json")}),
-        str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    two_processes(out, {**overrides, "deepspeed": str(ROOT / "ds_configs" / "zero3.json")})
     zero3 = json.loads((out / "summary.json").read_text())
     assert zero3["deepspeed_zero_stage"] == 3 and zero3["processes"] == 2
     assert (zero3["updates"], zero3["samples"], zero3["max_batch_size"]) == (
