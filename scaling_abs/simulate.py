@@ -121,6 +121,8 @@ def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
     metrics, summary = run_dir / "metrics.jsonl", run_dir / "summary.json"
     if not metrics.exists() or not summary.exists():
         raise UserError(f"run_dir: {run_dir} has no metrics.jsonl and summary.json (is it a finished run?)")
+    if not metrics.is_file():
+        raise UserError(f"run_dir: {metrics} is not a file")
     records = read_records(metrics)
     return records, read_summary(run_dir)
 
@@ -141,13 +143,22 @@ def simulate_from_run(
     seconds / p plus one all-reduce per power iteration (the HVP vectors).
     """
     records, summary = _read_run(Path(run_dir))
-    steps = [r for r in records if r["kind"] == "step"]
-    checks = [r for r in records if r["kind"] == "check"]
+    steps = [r for r in records if r.get("kind") == "step"]
+    checks = [r for r in records if r.get("kind") == "check"]
     if not steps:
         raise UserError(f"run_dir: {run_dir} has no optimizer steps in metrics.jsonl")
+    for kind, found, keys in (
+        ("step", steps, ("step_time_s", "batch_size")),
+        ("check", checks, ("seconds", "iterations")),
+    ):
+        lacking = sorted({k for r in found for k in keys if not isinstance(r.get(k), (int, float))})
+        if lacking:
+            raise UserError(
+                f"run_dir: {run_dir}'s metrics.jsonl has {kind} records without {', '.join(lacking)}"
+            )
     if num_params is not None and num_params <= 0:
         raise UserError(f"num_params: must be > 0, got {num_params}")
-    n_params = num_params or int(summary.get("num_params", 0))
+    n_params = num_params or int(summary.get("num_params") or 0)
     if n_params <= 0:
         raise UserError("num_params: not in summary.json; pass num_params=")
     comm = ring_allreduce_time(
@@ -219,15 +230,36 @@ def main(argv: list[str]) -> int:
     unknown = set(opts) - set(_KEYS)
     if unknown:
         raise UserError(f"{sorted(unknown)[0]}: unknown key ({', '.join(_KEYS)})")
-    try:
-        processes = int(opts.get("processes", "512"))
-        latency = float(opts.get("latency_us", "2")) * 1e-6
-        bandwidth = float(opts.get("bandwidth_gbps", "6")) * 1e9
-        num_params = int(opts["num_params"]) if "num_params" in opts else None
-    except ValueError as e:
-        raise UserError(f"simulate: {e}") from None
-    if processes < 1 or latency < 0 or bandwidth <= 0:
-        raise UserError("processes: must be >= 1, latency_us >= 0, bandwidth_gbps > 0")
+    if "preset" in opts and "run_dir" in opts:
+        raise UserError("preset: give preset= (the paper's Table 3) or run_dir= (a run of yours), not both")
+    if "run_dir" not in opts:
+        ignored = sorted(set(opts) - {"preset"})
+        if ignored:  # Table 3 is rebuilt from the paper's own inputs (512 processes, its times)
+            raise UserError(
+                f"{ignored[0]}: applies to run_dir= only; preset= rebuilds the paper's Table 3 as it is"
+            )
+    numbers = {}
+    for key, kind, default in (
+        ("processes", int, "512"),
+        ("latency_us", float, "2"),
+        ("bandwidth_gbps", float, "6"),
+        ("num_params", int, None),
+    ):
+        text = opts.get(key, default)
+        try:
+            numbers[key] = None if text is None else kind(text)
+        except ValueError:
+            raise UserError(
+                f"{key}: expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+    processes, num_params = numbers["processes"], numbers["num_params"]
+    latency, bandwidth = numbers["latency_us"] * 1e-6, numbers["bandwidth_gbps"] * 1e9
+    if not processes >= 1:
+        raise UserError(f"processes: must be >= 1, got {processes}")
+    if not 0 <= latency < math.inf:  # NaN fails too
+        raise UserError(f"latency_us: must be a finite number >= 0, got {opts['latency_us']}")
+    if not 0 < bandwidth < math.inf:
+        raise UserError(f"bandwidth_gbps: must be a finite number > 0, got {opts['bandwidth_gbps']}")
     if "run_dir" in opts:
         result = simulate_from_run(
             opts["run_dir"],

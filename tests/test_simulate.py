@@ -64,8 +64,23 @@ def test_cli_json_and_errors(tmp_path, capsys):
             main([f"run_dir={_fake_run(tmp_path)}", f"num_params={bad}"])
     with pytest.raises(UserError, match="num_params"):  # the unknown-key message lists every key
         main(["nparams=5"])
+    run = _fake_run(tmp_path)
+    for args, message in (
+        (["processes=8"], "^processes: applies to run_dir= only"),  # the preset ignored it, silently
+        (["preset=imagenet_i3", f"run_dir={run}"], "^preset: give preset= .* or run_dir= .*, not both"),
+        ([f"run_dir={run}", "latency_us=nan"], "^latency_us: must be a finite number >= 0, got nan"),
+        ([f"run_dir={run}", "processes=2.5"], "^processes: expected an integer, got '2.5'"),
+    ):
+        with pytest.raises(UserError, match=message):
+            main(args)
+    records = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([*records, '{"kind": "step", "batch_size": 100}']) + "\n")
+    with pytest.raises(UserError, match="has step records without step_time_s"):  # was a KeyError
+        main([f"run_dir={run}"])
     proc = subprocess.run(
-        [sys.executable, "-m", "scaling_abs", "simulate", "processes=x"], capture_output=True, text=True
+        [sys.executable, "-m", "scaling_abs", "simulate", f"run_dir={run}", "processes=x"],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert math.isfinite(json.loads(json.dumps(rows))[0]["total_s"])
