@@ -38,7 +38,10 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.config.get('strategy', '?').upper()} (B_max {self.config.get('max_batch_size', '?')})"
+        strategy = str(self.config.get("strategy", "?"))
+        if strategy == "bl":  # BL trains at its batch_size; B_max is no setting of it
+            return f"BL (batch {self.config.get('batch_size', '?')})"
+        return f"{strategy.upper()} (B_max {self.config.get('max_batch_size', '?')})"
 
 
 def name_runs(runs: list[Run]) -> None:
@@ -91,16 +94,45 @@ def read_records(metrics: Path) -> list[dict[str, Any]]:
     return records
 
 
+SUMMARY_KEYS = ("test_accuracy", "updates", "max_batch_size", "wall_time_s", "curvature_time_s")
+# a run's records: the trainer's metrics.jsonl, else the checks' and evaluations' alone, as the
+# committed result folders under benchmarks/results/ keep them
+RECORD_FILES = ("metrics.jsonl", "checks_and_evals.jsonl")
+
+
 def load_run(path: str | Path) -> Run:
+    """A run folder: its summary, config (else the strategy its summary names) and records. What a
+    user can damage (the YAML, the summary's fields, a records path that is a folder) is one line."""
     path = Path(path)
     if not (path / "summary.json").exists():
         raise UserError(f"run: {path} has no summary.json (not a finished scaling-abs run)")
-    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
-    run = Run(path, config or {}, read_summary(path))
-    metrics = path / "metrics.jsonl"
-    if metrics.exists():
-        for r in read_records(metrics):
-            {"step": run.steps, "check": run.checks, "eval": run.evals}.get(r.get("kind"), []).append(r)
+    summary = read_summary(path)
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise UserError(
+            f"run: {path / 'summary.json'} lacks {', '.join(missing)} (not written by scaling-abs train)"
+        )
+    config: Any = {}
+    if (path / "config.yaml").exists():
+        try:
+            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(
+                f"run: {path / 'config.yaml'} cannot be read ({str(e).splitlines()[0]})"
+            ) from None
+        if not isinstance(config, dict):
+            raise UserError(f"run: {path / 'config.yaml'} is not a config (a mapping of keys)")
+    elif summary.get("strategy"):
+        config = {"strategy": summary["strategy"]}
+    run = Run(path, config, summary)
+    for name in RECORD_FILES:
+        records = path / name
+        if records.exists():
+            if not records.is_file():
+                raise UserError(f"run: {records} is not a file")
+            for r in read_records(records):
+                {"step": run.steps, "check": run.checks, "eval": run.evals}.get(r.get("kind"), []).append(r)
+            break
     return run
 
 
@@ -115,7 +147,8 @@ def summary_table(runs: list[Run]) -> str:
         share = 100 * s["curvature_time_s"] / s["wall_time_s"] if s.get("wall_time_s") else 0.0
         lines.append(
             f"| {r.name}{' (interrupted)' if s.get('interrupted') else ''} | "
-            f"{r.config.get('strategy', '?')} | {r.config.get('max_batch_size', '?')} | "
+            f"{r.config.get('strategy', '?')} | "
+            f"{'-' if r.config.get('strategy') == 'bl' else r.config.get('max_batch_size', '?')} | "
             f"{percent(s['test_accuracy'])} | {s['updates']:,} | {s['max_batch_size']:,} | "
             f"{s['wall_time_s']:.0f} | {share:.1f} |"
         )
@@ -135,6 +168,7 @@ def comparison_table(runs: list[Run]) -> str:
             for r in runs
         }
     )
+    sizes = [b for b in sizes if b]  # a run without its config has no known batch: not tabulated here
     cell: dict[tuple[int, str], list[Run]] = {}
     for r in runs:
         m = r.config.get("strategy")
@@ -143,7 +177,11 @@ def comparison_table(runs: list[Run]) -> str:
 
     def text(key: tuple[int, str]) -> str:
         shown = cell.get(key, [])
-        entries = [f"{percent(r.summary['test_accuracy'])} / {r.summary['updates']:,}" for r in shown]
+        entries = [
+            f"{percent(r.summary['test_accuracy'])} / {r.summary['updates']:,}"
+            + (" (interrupted)" if r.summary.get("interrupted") else "")
+            for r in shown
+        ]
         if len(shown) > 1:  # several runs in one cell: each, with its name
             entries = [f"{e} ({r.name})" for e, r in zip(entries, shown)]
         return "; ".join(entries) or "-"
@@ -183,16 +221,30 @@ def _figure(ncols: int):
     return plt, fig, axes
 
 
+def _legend(ax) -> None:
+    """A legend where there are curves (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def plot_schedule(runs: list[Run], path: str | Path) -> None:
     """Figure 1: global batch size and learning rate against epochs."""
     plt, fig, (ax_b, ax_lr) = _figure(2)
     for i, (r, label) in enumerate(zip(runs, _legends(runs))):
-        ep, color = [s["epoch"] for s in r.steps], _color(r, i)
-        ax_b.step(ep, [s["batch_size"] for s in r.steps], where="post", label=label, color=color)
-        ax_lr.step(ep, [s["lr"] for s in r.steps], where="post", label=label, color=color)
+        if not r.steps:
+            continue
+        # a step's record holds the batch and LR it trained with, stamped with the epoch at its end:
+        # each is drawn from the step's start, the step before's end (a step of 0.55 epoch drew its
+        # LR drop that much late)
+        ends = [s["epoch"] for s in r.steps]
+        ep = [0.0, *ends[:-1], ends[-1]]
+        batch, lr = [s["batch_size"] for s in r.steps], [s["lr"] for s in r.steps]
+        color = _color(r, i)
+        ax_b.step(ep, [*batch, batch[-1]], where="post", label=label, color=color)
+        ax_lr.step(ep, [*lr, lr[-1]], where="post", label=label, color=color)
     ax_b.set(xlabel="epoch", ylabel="global batch size", yscale="log", title="batch size")
     ax_lr.set(xlabel="epoch", ylabel="learning rate", yscale="log", title="learning rate")
-    ax_b.legend(fontsize=8)
+    _legend(ax_b)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -213,7 +265,7 @@ def plot_training(runs: list[Run], path: str | Path) -> None:
         )
     ax_l.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
     ax_a.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
-    ax_a.legend(fontsize=8)
+    _legend(ax_a)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -239,7 +291,7 @@ def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
                 color=_color(r, i),
             )
     ax.set(xlabel="epoch", ylabel="top eigenvalue", yscale="log", title="top Hessian eigenvalue")
-    ax.legend(fontsize=8)
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -259,9 +311,17 @@ def main(argv: list[str]) -> int:
         raise UserError("report: give one or more run folders")
     out = out or Path(dirs[0]).parent / "report"
     check_output_dir(out, "--out")
-    runs = [load_run(d) for d in dirs]
+    unique = list(dict.fromkeys(Path(d).resolve() for d in dirs))  # a folder given twice: once
+    runs = [load_run(d) for d in unique]
     name_runs(runs)
     assign_colors(runs)
+    stepless = [r.name for r in runs if not r.steps]
+    if stepless:
+        warnings.warn(
+            f"{', '.join(stepless)}: no step records (metrics.jsonl), so no curves in schedule.png and "
+            "training.png's loss panel",
+            stacklevel=2,
+        )
     out.mkdir(parents=True, exist_ok=True)
     text = "## Runs\n\n" + summary_table(runs) + "\n\n## Paper layout\n\n" + comparison_table(runs) + "\n"
     (out / "report.md").write_text(text)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,8 +14,11 @@ from scaling_abs.report import (
     load_run,
     main,
     name_runs,
+    plot_schedule,
     summary_table,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_run(root, name, strategy, batch, max_batch, acc, updates):
@@ -73,8 +77,10 @@ def test_runs_of_the_same_name_or_cell_stay_apart(tmp_path):
     assert "| a/demo | absa |" in table and "| b/demo | absa |" in table
     # one cell, two runs: both shown, each with its name, none dropped
     assert "| 4096 | - | 91.55 / 2,184 (a/demo); 91.70 / 1,876 (b/demo) |" in comparison_table(runs)
-    assert _legends(runs) == ["a/demo: ABSA (B_max 4096)", "b/demo: ABSA (B_max 4096)", "bl: BL (B_max 128)"]
-    assert _legends(runs[1:]) == ["ABSA (B_max 4096)", "BL (B_max 128)"]  # names only when needed
+    # BL trains at its batch: its label and B_max column say so (they read "B_max 128")
+    assert _legends(runs) == ["a/demo: ABSA (B_max 4096)", "b/demo: ABSA (B_max 4096)", "bl: BL (batch 128)"]
+    assert _legends(runs[1:]) == ["ABSA (B_max 4096)", "BL (batch 128)"]  # names only when needed
+    assert "| bl | bl | - |" in table
     assign_colors(runs)
     assert [r.color for r in runs] == ["C0", "C1", "C2"]  # kept in a figure of a subset too
 
@@ -129,3 +135,51 @@ def test_an_interrupted_run_is_marked_in_the_table(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "interrupted": True}))
     assert "| a (interrupted) | absa |" in summary_table([load_run(run)])
+
+
+def test_what_a_user_can_damage_is_one_line_and_interrupted_runs_say_so(tmp_path):
+    run = fake_run(tmp_path, "r", "absa", 128, 4096, 0.9, 100)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "interrupted": True}))
+    assert "| 4096 | 90.00 / 100 (interrupted) |" in comparison_table([load_run(run)])
+    (run / "config.yaml").write_text("strategy: [absa")
+    with pytest.raises(UserError, match=r"^run: .*config.yaml cannot be read"):
+        load_run(run)
+    (run / "config.yaml").write_text("- a\n")
+    with pytest.raises(UserError, match=r"^run: .*config.yaml is not a config"):
+        load_run(run)
+    (run / "config.yaml").unlink()  # the strategy comes from the summary then; no known batch
+    (run / "summary.json").write_text(json.dumps({**summary, "strategy": "absa"}))
+    alone = load_run(run)
+    assert alone.config == {"strategy": "absa"} and alone.label == "ABSA (B_max ?)"
+    assert comparison_table([alone]).splitlines()[2:] == []  # no row of batch 0
+    (run / "summary.json").write_text(json.dumps({"test_accuracy": 0.5, "updates": 3}))
+    with pytest.raises(UserError, match=r"^run: .*summary.json lacks max_batch_size, wall_time_s"):
+        load_run(run)
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    with pytest.raises(UserError, match=r"^run: .*metrics.jsonl is not a file"):
+        load_run(run)
+
+
+def test_committed_result_folders_keep_their_checks_and_evaluations(tmp_path):
+    """benchmarks/results/ keeps checks_and_evals.jsonl, not metrics.jsonl: report read neither."""
+    run = load_run(ROOT / "benchmarks" / "results" / "demo")
+    assert len(run.checks) == 32 and run.evals and not run.steps
+
+
+def test_the_schedule_draws_each_step_from_its_start(tmp_path, monkeypatch):
+    """A step's record has the batch and LR it trained with and the epoch at its end: drawn from
+    its end (where="post"), every change came one step late."""
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "step", lambda self, x, y, **kw: drawn.append((list(x), list(y)))
+    )
+    run = load_run(fake_run(tmp_path, "r", "absa", 128, 4096, 0.9, 100))
+    plot_schedule([run], tmp_path / "schedule.png")
+    epochs, batches = drawn[0]
+    assert epochs == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    assert batches == [128, 128, 256, 256, 384, 384, 512, 512, 512]
