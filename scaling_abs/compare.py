@@ -9,7 +9,9 @@ Every (strategy, batch size) cell is one ``scaling-abs train`` run in its own pr
 
 A finished cell (``summary.json`` without ``interrupted``) is not run again and an interrupted one
 continues from its checkpoint (``resume=auto``), so the whole grid survives preemption: run the same
-command again. At the end, ``report.md`` (the paper's layout and a per-run table), ``report.json``,
+command again. A finished cell whose ``config.yaml`` differs from what the grid gives it now is
+refused, not tabulated. The ``key=value`` settings apply to every run; each cell's own come after
+them. At the end, ``report.md`` (the paper's layout and a per-run table), ``report.json``,
 ``commands.txt`` and the three figures are written into ``--out``.
 
     scaling-abs compare                                   # fmnist_s1, 128 ... 32768, all strategies
@@ -29,6 +31,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from scaling_abs.config import STRATEGIES, check_output_dir, load_config
 from scaling_abs.errors import UserError
@@ -74,13 +78,35 @@ def grid(
 
 
 def _finished(run_dir: Path) -> bool:
-    summary = run_dir / "summary.json"
-    return summary.exists() and not json.loads(summary.read_text()).get("interrupted", False)
+    """A summary of a run that was not interrupted (a damaged one: not finished; the run resumes)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and not summary.get("interrupted", False)
+
+
+# set by the grid or by compare itself for every run: not compared with a finished run's config
+PER_RUN = ("output_dir", "resume", "progress")
+
+
+def _settled_differently(run_dir: Path, wanted: dict) -> list[str]:
+    """The settings in which the finished run in ``run_dir`` differs from its cell's config now
+    (``["config.yaml"]`` when it has none): such a run is not this grid's."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return ["config.yaml"]
+    if not isinstance(saved, dict):
+        return ["config.yaml"]
+    wanted = yaml.safe_load(yaml.safe_dump(wanted))  # the same types as a YAML file gives
+    return [k for k in wanted if k not in PER_RUN and saved.get(k) != wanted[k]]
 
 
 def _command(config: str, cell: Cell, out: Path, extra: list[str]) -> list[str]:
+    # the cell's settings after the ones for every run: a cell is what its name says
     return [
-        sys.executable, "-m", "scaling_abs", "train", "--config", config, *cell.overrides, *extra,
+        sys.executable, "-m", "scaling_abs", "train", "--config", config, *extra, *cell.overrides,
         f"output_dir={out / cell.name}", "resume=auto", "progress=false",
     ]  # fmt: skip
 
@@ -182,22 +208,37 @@ def main(argv: list[str]) -> int:
         raise UserError(
             "strategy, max_batch_size and output_dir are set per run; use --strategies/--sizes/--out"
         )
+    if any(o.split("=", 1)[0] == "hessian_block" for o in args.overrides):
+        raise UserError("hessian_block is set per run (the block run's); use --block")
     bad = [b for b in args.sizes if b < base.batch_size or b % base.batch_size]
     if bad:
         raise UserError(f"--sizes must be multiples of batch_size ({base.batch_size}), got {bad[0]}")
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     sizes = sorted(set(args.sizes))
+    strategies = list(dict.fromkeys(args.strategies))  # a strategy named twice: one run per cell
     focus = args.focus or (8192 if 8192 in sizes else sizes[-1])
-    cells = grid(
-        args.strategies, sizes, base.batch_size, args.block, focus if "absa" in args.strategies else None
-    )
+    if focus not in sizes:
+        raise UserError(f"--focus must be one of --sizes ({', '.join(map(str, sizes))}), got {focus}")
+    cells = grid(strategies, sizes, base.batch_size, args.block, focus if "absa" in strategies else None)
+    if not cells:
+        raise UserError(
+            f"no runs: BL runs at every size, the others only above batch_size ({base.batch_size}); "
+            f"got --sizes {' '.join(map(str, sizes))} --strategies {' '.join(strategies)}"
+        )
     # every cell's config is validated before the first run starts
-    for c in cells:
-        load_config(args.config, [*c.overrides, *args.overrides])
+    wanted = {c.name: load_config(args.config, [*args.overrides, *c.overrides]).to_dict() for c in cells}
     out = Path(args.out)
     check_output_dir(out, "--out")
     commands = {c.name: _command(args.config, c, out, args.overrides) for c in cells}
+    for c in cells:  # a finished run under --out is this grid's, or the grid stops before starting
+        if _finished(out / c.name):
+            differ = _settled_differently(out / c.name, wanted[c.name])
+            if differ:
+                raise UserError(
+                    f"{out / c.name} finished with other settings ({', '.join(differ[:4])}) than this "
+                    "grid gives it; use another --out, or remove that folder to run it again"
+                )
     if args.dry_run:
         for c in cells:
             print(shlex.join(commands[c.name]))
@@ -224,7 +265,7 @@ def main(argv: list[str]) -> int:
     header = (
         f"# Strategy comparison: {args.config}\n\n"
         f"`scaling-abs compare --config {args.config} --sizes {' '.join(map(str, sizes))} "
-        f"--strategies {' '.join(args.strategies)} --jobs {args.jobs}"
+        f"--strategies {' '.join(strategies)} --jobs {args.jobs}"
         + (f" --threads {args.threads}" if args.threads else "")
         + "".join(f" {o}" for o in args.overrides)
         + f"` at git {_git_revision()} on {platform.node() or 'this machine'} "

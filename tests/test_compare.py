@@ -24,6 +24,27 @@ def test_grid_is_the_papers_table():
     assert "hessian_block=last:2" in cells[-1].overrides
 
 
+def test_a_cells_settings_come_after_the_grids(capsys):
+    """batch_size=256 for every run trained every BL cell at 256: the extras came last and won."""
+    args = [
+        "compare",
+        "batch_size=256",
+        "--dry-run",
+        "--sizes",
+        "256",
+        "1024",
+        "--strategies",
+        "bl",
+        "bl",
+        "gg",
+    ]
+    assert cli_main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3  # bl_256, bl_1024, gg_1024: bl named twice is one run per cell
+    bl_1024 = next(line for line in lines if "output_dir=runs/compare/bl_1024" in line)
+    assert bl_1024.index("batch_size=256") < bl_1024.index("batch_size=1024")
+
+
 def test_dry_run_prints_one_train_command_per_run(capsys):
     assert cli_main(["compare", "--dry-run", "--sizes", "128", "256", "--strategies", "bl", "absa"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -34,7 +55,11 @@ def test_dry_run_prints_one_train_command_per_run(capsys):
 @pytest.mark.parametrize(
     "args, key",
     [(["strategy=bl"], "strategy"), (["--sizes", "100"], "--sizes"), (["--jobs", "0"], "--jobs"),
-     (["lr=-1"], "lr"), (["--out", __file__], "--out")],
+     (["lr=-1"], "lr"), (["--out", __file__], "--out"),
+     # made every ABSA run a block-Hessian one (and the paper table then left them all out)
+     (["hessian_block=last:1"], "hessian_block is set per run"),
+     (["--focus", "999"], "--focus must be one of --sizes"),  # launched an off-grid run
+     (["--sizes", "128", "--strategies", "abs"], "no runs: BL runs at every size")],
 )  # fmt: skip
 def test_user_errors_are_one_line_exit_2(args, key, capsys):
     assert cli_main(["compare", "--dry-run", *args]) == 2
@@ -66,6 +91,10 @@ def test_a_tiny_grid_end_to_end_and_rerun_skips_finished_runs(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "3 already finished" in again.stdout
     assert "3 of 3 runs finished" in again.stdout
+    # finished runs of other settings are not this grid's (they were tabulated under its header)
+    other = subprocess.run([*cmd, "epochs=0.5"], capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "finished with other settings (epochs) than this grid gives it" in other.stderr
     # --report-only tabulates what is finished and starts nothing, naming what is missing
     (out / "abs_128" / "summary.json").unlink()
     only = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, timeout=600)
