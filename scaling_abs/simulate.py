@@ -138,9 +138,11 @@ def simulate_from_run(
     """Predict a real run's wall time on ``processes`` processes, against a fixed-batch run of the
     same samples at the run's initial batch.
 
-    Compute per update is the run's measured time per sample x batch / p (perfect data parallelism);
-    communication is one ring all-reduce of the gradients per update; a check costs its measured
-    seconds / p plus one all-reduce per power iteration (the HVP vectors).
+    Compute per update is the run's measured time per sample x batch / p (perfect data parallelism;
+    a run measured on several processes counts as their sum); communication is one ring all-reduce of
+    the gradients per update; a check costs its measured seconds / p plus one all-reduce per power
+    iteration (the HVP vectors). The fixed-batch baseline is BL: the run's compute without its FGSM
+    time (``adversarial_time_s``), which ABSA's step times include.
     """
     records, summary = _read_run(Path(run_dir))
     steps = [r for r in records if r.get("kind") == "step"]
@@ -164,11 +166,15 @@ def simulate_from_run(
     comm = ring_allreduce_time(
         n_params, processes, latency_s=latency_s, bandwidth_bits_per_s=bandwidth_bits_per_s
     )
-    per_sample = sum(r["step_time_s"] for r in steps) / sum(r["batch_size"] for r in steps)
+    # one process's time: a run measured on several shared each step and check among them
+    measured_on = int(summary.get("processes") or 1)
+    per_sample = measured_on * sum(r["step_time_s"] for r in steps) / sum(r["batch_size"] for r in steps)
     samples = sum(r["batch_size"] for r in steps)
     adaptive_comp = samples * per_sample / processes
     adaptive = adaptive_comp + len(steps) * comm
-    hess = sum(c["seconds"] / processes + c["iterations"] * comm for c in checks)
+    hess = sum(measured_on * c["seconds"] / processes + c["iterations"] * comm for c in checks)
+    # the fixed-batch baseline is BL: no FGSM (ABSA's adversarial examples are in its step times)
+    fgsm = min(measured_on * float(summary.get("adversarial_time_s") or 0.0), samples * per_sample)
     first = steps[0]["batch_size"]
     if processes > first:
         warnings.warn(
@@ -177,7 +183,7 @@ def simulate_from_run(
             stacklevel=2,
         )
     fixed_updates = math.ceil(samples / first)
-    fixed = adaptive_comp + fixed_updates * comm
+    fixed = adaptive_comp - fgsm / processes + fixed_updates * comm
     return {
         "processes": processes,
         "num_params": n_params,
@@ -185,7 +191,9 @@ def simulate_from_run(
         "updates": len(steps),
         "fixed_batch": first,
         "fixed_updates": fixed_updates,
+        "measured_on_processes": measured_on,
         "per_sample_compute_s": per_sample,
+        "adversarial_s": fgsm,
         "comm_per_update_s": comm,
         "adaptive_total_s": adaptive + hess,
         "adaptive_hessian_s": hess,

@@ -51,6 +51,23 @@ def test_simulate_from_run_arithmetic(tmp_path):
         simulate_from_run(_fake_run(tmp_path), processes=512)
 
 
+def test_a_run_on_several_processes_and_absa_fgsm(tmp_path):
+    """A run measured on 2 processes shared its steps and checks between them: one process's time is
+    twice its records' (they were divided again); the fixed-batch baseline is BL, without the FGSM
+    time ABSA's steps include (the baseline paid for it)."""
+    run = _fake_run(tmp_path)
+    one = simulate_from_run(run, processes=8, latency_s=0.0, bandwidth_bits_per_s=32e6)
+    (run / "summary.json").write_text(
+        json.dumps({"num_params": 1_000_000, "processes": 2, "adversarial_time_s": 0.1})
+    )
+    two = simulate_from_run(run, processes=8, latency_s=0.0, bandwidth_bits_per_s=32e6)
+    comm = one["comm_per_update_s"]
+    assert two["per_sample_compute_s"] == pytest.approx(2 * one["per_sample_compute_s"])
+    assert two["adaptive_total_s"] == pytest.approx(2 * 800 * 0.001 / 8 + 4 * comm + 2 * 2.0 / 8 + 5 * comm)
+    assert two["adversarial_s"] == pytest.approx(0.2)
+    assert two["fixed_total_s"] == pytest.approx((2 * 800 * 0.001 - 0.2) / 8 + 8 * comm)
+
+
 def test_cli_json_and_errors(tmp_path, capsys):
     assert main(["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
