@@ -86,13 +86,22 @@ def _finished(run_dir: Path) -> bool:
     return isinstance(summary, dict) and not summary.get("interrupted", False)
 
 
-# set by the grid or by compare itself for every run: not compared with a finished run's config
-PER_RUN = ("output_dir", "resume", "progress")
+# set by compare for every run, or no part of a run's results: not compared with a finished run's
+PER_RUN = (
+    "output_dir",
+    "resume",
+    "progress",
+    "tensorboard",
+    "num_workers",
+    "checkpoint_every",
+    "keep_checkpoints",
+)
 
 
 def _settled_differently(run_dir: Path, wanted: dict) -> list[str]:
     """The settings in which the finished run in ``run_dir`` differs from its cell's config now
-    (``["config.yaml"]`` when it has none): such a run is not this grid's."""
+    (``["config.yaml"]`` when it has none): such a run is not this grid's. A key its config lacks
+    (added to the library since) is not held against it."""
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -100,7 +109,7 @@ def _settled_differently(run_dir: Path, wanted: dict) -> list[str]:
     if not isinstance(saved, dict):
         return ["config.yaml"]
     wanted = yaml.safe_load(yaml.safe_dump(wanted))  # the same types as a YAML file gives
-    return [k for k in wanted if k not in PER_RUN and saved.get(k) != wanted[k]]
+    return [k for k in wanted if k not in PER_RUN and k in saved and saved[k] != wanted[k]]
 
 
 def _command(config: str, cell: Cell, out: Path, extra: list[str]) -> list[str]:
