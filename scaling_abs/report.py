@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -275,8 +276,14 @@ def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
     """Figure 6: the top Hessian eigenvalue at each check (full or block, solver and warm start as
     the run's config says)."""
     plt, fig, ax = _figure(1)
+    left_out = []
     for i, (r, label) in enumerate(zip(runs, _legends(runs))):
-        if r.checks:
+        # magnitudes, as ABS compares them (the estimate is the largest-magnitude eigenvalue, which
+        # can be negative); a non-finite one has no place on the axis and is counted instead
+        checks = [c for c in r.checks if math.isfinite(c.get("eigenvalue", math.nan))]
+        if len(checks) < len(r.checks):
+            left_out.append(f"{r.name} ({len(r.checks) - len(checks)})")
+        if checks:
             block = r.config.get("hessian_block", "all")
             how = [f"{'full' if block == 'all' else block} Hessian"]
             if r.config.get("hessian_solver", "power") != "power":
@@ -284,13 +291,17 @@ def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
             if r.config.get("hessian_warm_start"):
                 how.append("warm start")
             ax.plot(
-                [c["epoch"] for c in r.checks],
-                [c["eigenvalue"] for c in r.checks],
+                [c["epoch"] for c in checks],
+                [abs(c["eigenvalue"]) for c in checks],
                 marker=".",
                 label=", ".join([label, *how]),
                 color=_color(r, i),
             )
-    ax.set(xlabel="epoch", ylabel="top eigenvalue", yscale="log", title="top Hessian eigenvalue")
+    if left_out:
+        warnings.warn(f"eigenvalues.png leaves out non-finite estimates: {', '.join(left_out)}", stacklevel=2)
+    ax.set(
+        xlabel="epoch", ylabel="|top eigenvalue|", yscale="log", title="top Hessian eigenvalue (magnitude)"
+    )
     _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -14,6 +14,7 @@ from scaling_abs.report import (
     load_run,
     main,
     name_runs,
+    plot_eigenvalues,
     plot_schedule,
     summary_table,
 )
@@ -183,3 +184,23 @@ def test_the_schedule_draws_each_step_from_its_start(tmp_path, monkeypatch):
     epochs, batches = drawn[0]
     assert epochs == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
     assert batches == [128, 128, 256, 256, 384, 384, 512, 512, 512]
+
+
+def test_the_eigenvalue_figure_draws_magnitudes_and_counts_what_it_leaves_out(tmp_path, monkeypatch):
+    """ABS compares magnitudes; a negative estimate vanished from the log axis and a NaN broke the
+    line, both without a word."""
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "plot", lambda self, x, y, **kw: drawn.append((list(x), list(y)))
+    )
+    run = load_run(fake_run(tmp_path, "r", "absa", 128, 4096, 0.9, 100))
+    run.checks = [
+        {"epoch": 1.0, "eigenvalue": 4.0},
+        {"epoch": 2.0, "eigenvalue": -3.0},
+        {"epoch": 3.0, "eigenvalue": float("nan")},
+    ]
+    with pytest.warns(UserWarning, match=r"leaves out non-finite estimates: r \(1\)"):
+        plot_eigenvalues([run], tmp_path / "eigenvalues.png")
+    assert drawn == [([1.0, 2.0], [4.0, 3.0])]
