@@ -280,7 +280,11 @@ def plot_eigenvalues(runs: list[Run], path: str | Path) -> None:
     for i, (r, label) in enumerate(zip(runs, _legends(runs))):
         # magnitudes, as ABS compares them (the estimate is the largest-magnitude eigenvalue, which
         # can be negative); a non-finite one has no place on the axis and is counted instead
-        checks = [c for c in r.checks if math.isfinite(c.get("eigenvalue", math.nan))]
+        checks = [
+            c
+            for c in r.checks
+            if isinstance(c.get("eigenvalue"), (int, float)) and math.isfinite(c["eigenvalue"])
+        ]
         if len(checks) < len(r.checks):
             left_out.append(f"{r.name} ({len(r.checks) - len(checks)})")
         if checks:

@@ -200,7 +200,8 @@ def test_the_eigenvalue_figure_draws_magnitudes_and_counts_what_it_leaves_out(tm
         {"epoch": 1.0, "eigenvalue": 4.0},
         {"epoch": 2.0, "eigenvalue": -3.0},
         {"epoch": 3.0, "eigenvalue": float("nan")},
+        {"epoch": 4.0, "eigenvalue": None},
     ]
-    with pytest.warns(UserWarning, match=r"leaves out non-finite estimates: r \(1\)"):
+    with pytest.warns(UserWarning, match=r"leaves out non-finite estimates: r \(2\)"):
         plot_eigenvalues([run], tmp_path / "eigenvalues.png")
     assert drawn == [([1.0, 2.0], [4.0, 3.0])]
