@@ -141,8 +141,9 @@ def simulate_from_run(
     Compute per update is the run's measured time per sample x batch / p (perfect data parallelism;
     a run measured on several processes counts as their sum); communication is one ring all-reduce of
     the gradients per update; a check costs its measured seconds / p plus one all-reduce per power
-    iteration (the HVP vectors). The fixed-batch baseline is BL: the run's compute without its FGSM
-    time (``adversarial_time_s``), which ABSA's step times include.
+    iteration (the HVP vectors: the block's, where the check records its size). The fixed-batch
+    baseline is BL: the run's compute without its FGSM time (``adversarial_time_s``), which ABSA's
+    step times include.
     """
     records, summary = _read_run(Path(run_dir))
     steps = [r for r in records if r.get("kind") == "step"]
@@ -172,7 +173,18 @@ def simulate_from_run(
     samples = sum(r["batch_size"] for r in steps)
     adaptive_comp = samples * per_sample / processes
     adaptive = adaptive_comp + len(steps) * comm
-    hess = sum(measured_on * c["seconds"] / processes + c["iterations"] * comm for c in checks)
+    # a product all-reduces the block's gradient-sized vector (the whole model's when not recorded)
+    hess = sum(
+        measured_on * c["seconds"] / processes
+        + c["iterations"]
+        * ring_allreduce_time(
+            int(c.get("block_params") or n_params),
+            processes,
+            latency_s=latency_s,
+            bandwidth_bits_per_s=bandwidth_bits_per_s,
+        )
+        for c in checks
+    )
     # the fixed-batch baseline is BL: no FGSM (ABSA's adversarial examples are in its step times)
     fgsm = min(measured_on * float(summary.get("adversarial_time_s") or 0.0), samples * per_sample)
     first = steps[0]["batch_size"]

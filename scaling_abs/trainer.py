@@ -661,6 +661,7 @@ class Trainer:
             "hessian_samples": self.cfg.hessian_samples,
             "precision": self.check_precision,
             "block": cfg.hessian_block,
+            "block_params": sum(p.numel() for p in params),  # what a product all-reduces
             "checkpoint": self._check_memory["checkpoint"],
             "hessian_micro_batch_size": self._check_memory["micro"],
             "out_of_memory": shrunk,

@@ -68,6 +68,22 @@ def test_a_run_on_several_processes_and_absa_fgsm(tmp_path):
     assert two["fixed_total_s"] == pytest.approx((2 * 800 * 0.001 - 0.2) / 8 + 8 * comm)
 
 
+def test_a_block_hessian_check_all_reduces_its_block(tmp_path):
+    """A check's products all-reduce the block's vector, not the whole model's (charged before)."""
+    run = _fake_run(tmp_path)
+    whole = simulate_from_run(run, processes=8, latency_s=0.0, bandwidth_bits_per_s=32e6)
+    records = (
+        (run / "metrics.jsonl")
+        .read_text()
+        .replace('"iterations": 5', '"iterations": 5, "block_params": 1000')
+    )
+    (run / "metrics.jsonl").write_text(records)
+    block = simulate_from_run(run, processes=8, latency_s=0.0, bandwidth_bits_per_s=32e6)
+    comm, comm_block = whole["comm_per_update_s"], 2 * (7 / 8) * 1000 * 32 / 32e6
+    assert whole["adaptive_hessian_s"] == pytest.approx(2.0 / 8 + 5 * comm)
+    assert block["adaptive_hessian_s"] == pytest.approx(2.0 / 8 + 5 * comm_block)
+
+
 def test_cli_json_and_errors(tmp_path, capsys):
     assert main(["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]

@@ -126,8 +126,9 @@ def test_outputs_and_batch_growth(tmp_path):
     assert [(r["batch_size"], r["adv_fraction"]) for r in before_tau] == [(64, 0.2)] * 4 + [(128, 0.1)]
     assert after_tau and all(r["adv_fraction"] == 0 for r in after_tau)
     assert summary["curvature_time_s"] > 0 and summary["adversarial_time_s"] > 0
-    # the paper's check: power iteration from a random start
+    # the paper's check: power iteration from a random start, over every parameter
     assert {(c["solver"], c["warm_start"]) for c in checks} == {("power", False)}
+    assert {c["block_params"] for c in checks} == {summary["num_params"]}
 
 
 def test_lanczos_warm_started_checks_and_the_curvature_state(tmp_path):
