@@ -213,11 +213,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     base = load_config(args.config, args.overrides)  # validates the preset and overrides up front
-    if any(o.split("=", 1)[0] in ("strategy", "max_batch_size", "output_dir") for o in args.overrides):
+    keys = {o.split("=", 1)[0] for o in args.overrides}
+    if keys & {"strategy", "max_batch_size", "output_dir"}:
         raise UserError(
             "strategy, max_batch_size and output_dir are set per run; use --strategies/--sizes/--out"
         )
-    if any(o.split("=", 1)[0] == "hessian_block" for o in args.overrides):
+    if "hessian_block" in keys:
         raise UserError("hessian_block is set per run (the block run's); use --block")
     bad = [b for b in args.sizes if b < base.batch_size or b % base.batch_size]
     if bad:

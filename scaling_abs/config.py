@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from scaling_abs.errors import ConfigError
+from scaling_abs.schedules import ADV_DECAY_ON, LR_RULES
 
 PRESET_DIR = Path(__file__).parent / "presets"
 STRATEGIES = ("bl", "fb", "gg", "abs", "absa")
@@ -380,14 +381,12 @@ def validate(cfg: TrainConfig, *, world_size: int = 1) -> None:
     _check(cfg.beta > 1, "beta", f"must be > 1, got {cfg.beta}")
     _check(cfg.kappa >= 1, "kappa", f"must be >= 1, got {cfg.kappa}")
     _check(
-        cfg.adv_decay_on in ("growth", "drop"),
+        cfg.adv_decay_on in ADV_DECAY_ON,
         "adv_decay_on",
-        f"unknown choice {cfg.adv_decay_on!r} (growth | drop)",
+        f"unknown choice {cfg.adv_decay_on!r} ({' | '.join(ADV_DECAY_ON)})",
     )
     _check(
-        cfg.lr_scaling in ("linear", "sqrt", "none"),
-        "lr_scaling",
-        f"unknown rule {cfg.lr_scaling!r} (linear | sqrt | none)",
+        cfg.lr_scaling in LR_RULES, "lr_scaling", f"unknown rule {cfg.lr_scaling!r} ({' | '.join(LR_RULES)})"
     )
     _check(cfg.hessian_every >= 0, "hessian_every", f"must be >= 0 (0 = one epoch), got {cfg.hessian_every}")
     _check(cfg.hessian_samples > 0, "hessian_samples", f"must be > 0, got {cfg.hessian_samples}")

@@ -164,9 +164,13 @@ def simulate_from_run(
     n_params = num_params or int(summary.get("num_params") or 0)
     if n_params <= 0:
         raise UserError("num_params: not in summary.json; pass num_params=")
-    comm = ring_allreduce_time(
-        n_params, processes, latency_s=latency_s, bandwidth_bits_per_s=bandwidth_bits_per_s
-    )
+
+    def allreduce(n: int) -> float:
+        return ring_allreduce_time(
+            n, processes, latency_s=latency_s, bandwidth_bits_per_s=bandwidth_bits_per_s
+        )
+
+    comm = allreduce(n_params)
     # one process's time: a run measured on several shared each step and check among them
     measured_on = int(summary.get("processes") or 1)
     per_sample = measured_on * sum(r["step_time_s"] for r in steps) / sum(r["batch_size"] for r in steps)
@@ -176,13 +180,7 @@ def simulate_from_run(
     # a product all-reduces the block's gradient-sized vector (the whole model's when not recorded)
     hess = sum(
         measured_on * c["seconds"] / processes
-        + c["iterations"]
-        * ring_allreduce_time(
-            int(c.get("block_params") or n_params),
-            processes,
-            latency_s=latency_s,
-            bandwidth_bits_per_s=bandwidth_bits_per_s,
-        )
+        + c["iterations"] * allreduce(int(c.get("block_params") or n_params))
         for c in checks
     )
     # the fixed-batch baseline is BL: no FGSM (ABSA's adversarial examples are in its step times)
