@@ -1012,10 +1012,7 @@ class Trainer:
             "interrupted": interrupted,
             "interrupt_signal": interrupt_signal,
             "num_params": self.num_params,
-            "processes": acc.num_processes,
-            "deepspeed_zero_stage": self.engine.zero_optimization_stage()
-            if self.engine is not None
-            else None,
+            **self._launch(),  # processes, deepspeed_zero_stage: what a checkpoint's launch.json holds
             "cpu_malloc_tuned": self.malloc_tuned,
             "strategy": self.cfg.strategy,
             "model": self.cfg.model,
