@@ -15,6 +15,9 @@
 #      (Hessian batch fetch, graph builds, products, rest) and its top operators, for the c1 preset
 #      with 1,024 samples and kept graphs, then with the preset's 4,096 (PROFILE_SETTINGS replaces
 #      the settings of both, e.g. to try the stage on a CPU with a fake nvidia-smi)
+#   share (not in the default): the curvature share of wall time in short ResNet-18 runs, one per
+#      SHARE_RUNS entry ("name:settings,settings"; default: the c1 preset as it is, the same with
+#      fresh products, model=c1 with the library's defaults, the preset with 1,024 samples)
 # STAGES picks some (default: tests accuracy bench_c1 train bench_small bench_c1_1024 demo),
 # PRECISIONS the training runs' (default: no bf16), ACC_MODELS the accuracy stage's models (default:
 # c1 vit_tiny cnn), C1_MEASUREMENTS, SMALL_MEASUREMENTS and C1_1024_MEASUREMENTS the bench stages'
@@ -183,6 +186,25 @@ for samples in 1024 4096; do
   $T $PY benchmarks/profile_check.py --config c1 --steps 20 --checks 4 --table 25 \
     ${PROFILE_SETTINGS:-dataset=fashion_mnist "data_dir=$FMNIST_DIR" hessian_samples=$samples hessian_reuse_graph=true} \
     2>&1 | grep --line-buffered -v -i warning | tee "$R/profile_check_c1_$samples.txt"
+  pack
+done
+fi
+if want share; then
+# The curvature share of a CIFAR-scale run (issue 5): ResNet-18 trained on Fashion-MNIST for EPOCHS
+# epochs, one run per SHARE_RUNS entry, "name:settings" with settings comma-separated; a name
+# starting with "defaults" trains model=c1 with the library's defaults, any other the c1 preset.
+SHARE_RUNS=${SHARE_RUNS:-c1_auto: c1_fresh:hessian_reuse_graph=false defaults: c1_1024:hessian_samples=1024}
+for spec in $SHARE_RUNS; do
+  name=${spec%%:*}; settings=${spec#*:}; settings=${settings//,/ }
+  if [[ $name == defaults* ]]; then base="model=c1"; else base="--config c1"; fi
+  stage "share $name: $base $settings"
+  rm -rf "/tmp/share_$name"
+  # shellcheck disable=SC2086  # base and settings are lists
+  $T $PY -m scaling_abs train $base dataset=fashion_mnist "data_dir=$FMNIST_DIR" "epochs=$EPOCHS" \
+    "output_dir=/tmp/share_$name" progress=false $settings 2>&1 | grep --line-buffered -v -i warning \
+    | tail -12 | tee "$R/share_$name.log"
+  cp "/tmp/share_$name/summary.json" "$R/share_${name}_summary.json"
+  grep -v '"kind": "step"' "/tmp/share_$name/metrics.jsonl" > "$R/share_${name}_checks.jsonl"
   pack
 done
 fi

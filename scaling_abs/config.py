@@ -79,7 +79,8 @@ class TrainConfig:
         0, "micro-batch of curvature checks (memory of one HVP graph); 0 = micro_batch_size"
     )
     hessian_reuse_graph: str = _f(
-        "auto", "keep the gradient graph across power iterations: auto (one micro-batch) | true | false"
+        "auto",
+        "keep the gradient graph across power iterations: auto (one micro-batch; on CUDA, the micro-batches' graphs that fit in free memory) | true | false",
     )
     hessian_custom_rules: str = _f(
         "auto",

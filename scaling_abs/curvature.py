@@ -50,7 +50,9 @@ AUTO_UNTIMED: dict[str, str] = {"cpu": "double_backward"}
 @dataclass
 class EigenResult:
     """Top eigenvalue by power iteration. ``finite`` is False when an HVP or the estimate was not
-    finite (fp16 overflow, a bad batch); the eigenvalue is then NaN and ``converged`` False."""
+    finite (fp16 overflow, a bad batch); the eigenvalue is then NaN and ``converged`` False.
+    ``kept_graphs``: how many of this rank's micro-batches had their gradient graph kept (see
+    :class:`HessianOperator`'s ``reuse_graph``)."""
 
     eigenvalue: float
     eigenvector: list[torch.Tensor] = field(repr=False)
@@ -58,6 +60,7 @@ class EigenResult:
     converged: bool
     finite: bool = True
     samples: int = 0
+    kept_graphs: int = 0
 
 
 @dataclass
@@ -420,6 +423,21 @@ def _check_iteration_settings(max_iter: Any, tol: Any) -> None:
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
 
 
+FIT_RESERVE = 0.05
+"""``reuse_graph="fit"``: the share of the device's memory a check leaves free besides its products."""
+MEASURED_DEVICES = ("cuda",)
+"""Device types whose memory :func:`_device_memory` reads (``reuse_graph="fit"`` needs it)."""
+
+
+def _device_memory(device: torch.device) -> tuple[int, int, int]:
+    """``(allocated, available, total)`` bytes of a CUDA device: what PyTorch's tensors hold, what
+    could still be allocated (the driver's free memory and the caching allocator's unused blocks),
+    the device's size."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    return allocated, free + torch.cuda.memory_reserved(device) - allocated, total
+
+
 def _trainable(model: nn.Module, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
     """``params`` checked: the model's own trainable parameters, each once (default: all of them).
     A tensor that is not one of them would get a zero block and a silent eigenvalue of 0."""
@@ -525,8 +543,13 @@ class HessianOperator:
     power iteration's HVPs then cost one reverse pass each (about 1.7x faster on the CPU ResNet-18:
     ``benchmarks/bench_hvp.py``), at the memory of keeping every micro-batch's graph at once.
     ``"auto"`` reuses when this rank's Hessian batch is one micro-batch: its graph is as large as
-    the one a fresh HVP builds anyway, so the peak memory does not change. Reuse is double backward
-    (a graph to differentiate again); ``method="forward_over_reverse"`` turns it off.
+    the one a fresh HVP builds anyway, so the peak memory does not change. With several micro-batches
+    on a CUDA device ``"auto"`` becomes ``"fit"``: the first product keeps each micro-batch's graph
+    while the device's free memory holds it (after keeping one, there must remain twice its size and
+    :data:`FIT_RESERVE` of the device's memory for the products); from the first micro-batch whose
+    graph would not fit on, products are fresh. On other devices several micro-batches get fresh products
+    (``hessian_micro_batch_size`` is then what bounds the memory). Reuse is double backward (a graph
+    to differentiate again); ``method="forward_over_reverse"`` turns it off.
     ``sdpa_math``: products run with the math attention kernel (flash and memory-efficient attention
     have no double backward), also when the operator is used directly.
     ``custom_rules``: our second-order rules for convolutions, eval-mode BatchNorm, ReLU and max
@@ -577,8 +600,17 @@ class HessianOperator:
         self._segmented = None if ch is None else _segmented.SegmentedHVP(model, ch, self.params)
         if method == "forward_over_reverse" or ch is not None:
             reuse_graph = False
-        self.reuse_graph = len(self.batches) <= 1 if reuse_graph == "auto" else reuse_graph
+        if reuse_graph == "auto":
+            several = len(self.batches) > 1
+            reuse_graph = "fit" if several and device.type in MEASURED_DEVICES else not several
+        self.reuse_graph: bool | str = reuse_graph  # True, False or "fit"
         self._graphs: list[tuple[tuple, float]] | None = None
+        self._keeping = True  # "fit": the next micro-batch's graph may still be kept
+
+    @property
+    def kept_graphs(self) -> int:
+        """How many micro-batches' graphs are kept now (0 before the first product)."""
+        return len(self._graphs or ())
 
     def _hvp(self, index: int, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         batch = self.batches[index]
@@ -601,6 +633,8 @@ class HessianOperator:
                 self.method,
                 self.custom_rules,
             )[1]
+        if self.reuse_graph == "fit":
+            return self._hvp_fit(index, vector)
         if self._graphs is None:  # built at the first product, kept until the operator is dropped
             self._graphs = [
                 _gradient_graph(self.model, self.loss_fn, b, self.params, self.autocast_dtype)
@@ -609,12 +643,46 @@ class HessianOperator:
         grads, scale = self._graphs[index]
         return _hvp_from_graph(grads, self.params, vector, scale, retain_graph=True)
 
+    def _hvp_fit(self, index: int, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``reuse_graph="fit"``: the kept graph of micro-batch ``index``; at the first product each
+        micro-batch's graph is built in turn and kept while the memory holds it (its size measured
+        as the allocator's growth); from the first one that did not fit on, fresh products."""
+        self._graphs = [] if self._graphs is None else self._graphs
+        if index < len(self._graphs):
+            grads, scale = self._graphs[index]
+            return _hvp_from_graph(grads, self.params, vector, scale, retain_graph=True)
+        if not (self._keeping and index == len(self._graphs)):
+            return _grad_and_hvp(
+                self.model,
+                self.loss_fn,
+                self.batches[index],
+                self.params,
+                vector,
+                self.autocast_dtype,
+                self.method,
+                self.custom_rules,
+            )[1]
+        device = self.params[0].device
+        before = _device_memory(device)
+        grads, scale = _gradient_graph(
+            self.model, self.loss_fn, self.batches[index], self.params, self.autocast_dtype
+        )
+        after = _device_memory(device)
+        size = max(0, after[0] - before[0])
+        keep = after[1] >= 2 * size + FIT_RESERVE * after[2]
+        if keep:
+            self._graphs.append((grads, scale))
+        self._keeping = keep and index + 1 < len(self.batches)
+        return _hvp_from_graph(grads, self.params, vector, scale, retain_graph=keep)
+
     def __call__(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         vector, norm = _fp16_unit(vector, self.autocast_dtype)
         total: list[torch.Tensor] | None = None
         # Kept graphs: built and differentiated under the same rules (a checkpointed forward is
         # recomputed in either pass); fresh products set them up themselves (_double_backward).
-        rules = _second_order.second_order_rules(self.model, self.custom_rules and self.reuse_graph)
+        rules = _second_order.second_order_rules(
+            self.model, self.custom_rules and self.reuse_graph is not False
+        )
         with _math_sdpa(self.sdpa_math), rules:  # also when used directly, not only under top_eigenvalue
             for i, w in enumerate(self.weights):
                 hv = self._hvp(i, vector)  # new tensors (every path divides by its loss scale)
@@ -813,7 +881,8 @@ def top_eigenvalue(
         autocast_dtype: ``torch.bfloat16`` / ``torch.float16`` for the forward and backward work;
             the vectors and Rayleigh quotients stay fp32.
         reuse_graph: keep each micro-batch's gradient graph for all iterations (see
-            :class:`HessianOperator`; ``"auto"``: when this rank has one micro-batch).
+            :class:`HessianOperator`; ``"auto"``: when this rank has one micro-batch, and on CUDA
+            as many micro-batches' graphs as the free memory holds).
         init: the start vector (any norm, shaped like ``params``), e.g. the previous check's
             eigenvector to warm-start from (see :func:`warm_start`); default: a random one from
             ``seed``. It must be the same on every rank.
@@ -854,7 +923,8 @@ def top_eigenvalue(
     run = _power if solver == "power" else _lanczos
     with _checking(model, bn_mode, sdpa_math), _operator(model, loss_fn, batches, params, **kw) as op:
         eig, v, it, converged, finite = run(op, v, max_iter, tol)
-    return EigenResult(eig, v, it, converged, finite=finite, samples=op.samples)
+        kept = op.kept_graphs
+    return EigenResult(eig, v, it, converged, finite=finite, samples=op.samples, kept_graphs=kept)
 
 
 def hutchinson_trace(

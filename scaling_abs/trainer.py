@@ -564,13 +564,18 @@ class Trainer:
 
     def _shrink_checks(self, model: torch.nn.Module) -> str | None:
         """After a check ran out of memory: the next memory lever, kept for the rest of the run. In
-        order: fresh graphs instead of every micro-batch's kept one, checkpointed products (where the
+        order: fresh graphs instead of kept ones (set, or kept as they fit on CUDA), checkpointed products (where the
         model has a chain), half the micro-batch (down to 1). None: nothing left, or several
         processes (one rank retrying alone would leave the others waiting in an all-reduce)."""
         mem = self._check_memory
         if self.accelerator.num_processes > 1:
             return None
-        if mem["reuse_graph"] is True:
+        keeps_several = (  # "auto" with several micro-batches on CUDA keeps what fits ("fit")
+            mem["reuse_graph"] == "auto"
+            and self.cfg.hessian_samples > mem["micro"]
+            and self.accelerator.device.type in curvature.MEASURED_DEVICES
+        )
+        if mem["reuse_graph"] is True or keeps_several:
             mem["reuse_graph"] = False
             return "it builds each micro-batch's graph afresh (hessian_reuse_graph=false)"
         if not mem["checkpoint"] and curvature.units_of(model) is not None:
@@ -664,6 +669,7 @@ class Trainer:
             "block_params": sum(p.numel() for p in params),  # what a product all-reduces
             "checkpoint": self._check_memory["checkpoint"],
             "hessian_micro_batch_size": self._check_memory["micro"],
+            "kept_graphs": result.kept_graphs,  # micro-batch graphs kept (hessian_reuse_graph)
             "out_of_memory": shrunk,
             "seconds": seconds,
             "batch_before": before,

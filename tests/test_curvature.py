@@ -1,6 +1,7 @@
 """Curvature against exact answers: dense Hessians of small models, closed forms, side effects."""
 
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -294,6 +295,34 @@ def test_reuse_graph_auto_keeps_one_micro_batch_and_bad_values_raise():
     torch.testing.assert_close(flat(one(v)), first, rtol=0, atol=0)
     with pytest.raises(ValueError, match="reuse_graph"):
         curvature.HessianOperator(model, cross_entropy_loss, [(x, y)], params, reuse_graph="yes")
+    halves = [(x[:8], y[:8]), (x[8:], y[8:])]
+    assert top_eigenvalue(model, cross_entropy_loss, [(x, y)], max_iter=2).kept_graphs == 1
+    assert top_eigenvalue(model, cross_entropy_loss, halves, max_iter=2).kept_graphs == 0
+
+
+@pytest.mark.parametrize("availability", [[900, 260, 100], [100], [900] * 4])
+def test_auto_on_a_measured_device_keeps_the_graphs_that_fit(monkeypatch, availability):
+    """``reuse_graph="auto"`` with several micro-batches where the device's memory can be read (CUDA;
+    here a stand-in): the first product keeps each graph while twice its size and FIT_RESERVE of the
+    device remain free after it; from the first that does not fit on, products are fresh. Every mix
+    gives the dense Hessian's products, and later products the same as the first."""
+    readings = iter([r for a in availability for r in ((0, 0, 1000), (100, a, 1000))])
+    monkeypatch.setattr(curvature, "_device_memory", lambda device: next(readings))
+    monkeypatch.setattr(curvature, "MEASURED_DEVICES", ("cpu",))
+    model, (x, y) = tiny_mlp(), data(48)
+    params = list(model.parameters())
+    batches = [(x[i : i + 12], y[i : i + 12]) for i in range(0, 48, 12)]
+    op = curvature.HessianOperator(model, cross_entropy_loss, batches, params)
+    assert op.reuse_graph == "fit" and op.kept_graphs == 0
+    hessian = dense_hessian(model, (x, y))
+    z = rademacher(params, 1, seed=3)[0]
+    first = flat(op(unflat(z, params)))
+    kept = sum(1 for _ in itertools.takewhile(lambda a: a >= 2 * 100 + 50, availability))
+    assert op.kept_graphs == kept  # 2, 0 and 4 of the 4 micro-batches
+    torch.testing.assert_close(first, hessian @ z, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat(op(unflat(z, params))), first, rtol=0, atol=0)  # no more readings
+    op.release()
+    assert op.kept_graphs == 0
 
 
 def test_reused_graph_under_bf16_is_close_to_fp32():

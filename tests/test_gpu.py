@@ -61,10 +61,11 @@ def test_every_fp32_hvp_path_matches_fp64(exact_fp32):
         assert rel(got, ref) < 1e-5, f"checkpoint, custom_rules={rules}"
     whole, quarters = [(x, y)], list(zip(x.tensor_split(4), y.tensor_split(4)))
     with _checking(model, "eval", True):
-        for batches, reuse in ((whole, True), (quarters, False)):
+        for batches, reuse in ((whole, True), (quarters, False), (quarters, "auto")):
             op = HessianOperator(model, cross_entropy_loss, batches, params, reuse_graph=reuse)
             op(v)  # the kept graph is built at the first product
             assert rel(op(v), ref) < 1e-5, f"reuse_graph={reuse}"
+        assert op.reuse_graph == "fit" and op.kept_graphs == 4  # CUDA: the quarters' graphs fit
 
 
 def test_checkpointed_hvp_takes_less_memory_than_a_fresh_one(exact_fp32):

@@ -129,6 +129,7 @@ def test_outputs_and_batch_growth(tmp_path):
     # the paper's check: power iteration from a random start, over every parameter
     assert {(c["solver"], c["warm_start"]) for c in checks} == {("power", False)}
     assert {c["block_params"] for c in checks} == {summary["num_params"]}
+    assert {c["kept_graphs"] for c in checks} == {0}  # two micro-batches on the CPU: fresh products
 
 
 def test_lanczos_warm_started_checks_and_the_curvature_state(tmp_path):
@@ -312,6 +313,32 @@ def test_a_check_that_runs_out_of_memory_retries_smaller(tmp_path, monkeypatch):
     with pytest.raises(torch.OutOfMemoryError) as info, pytest.warns(UserWarning, match="ran out of memory"):
         run(tmp_path, "hopeless", **kw, hessian_micro_batch_size=1, hessian_checkpoint=False)
     assert "hessian_micro_batch_size" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_a_check_keeping_graphs_as_they_fit_that_runs_out_of_memory_builds_them_afresh(tmp_path, monkeypatch):
+    """On CUDA ``hessian_reuse_graph=auto`` keeps several micro-batches' graphs while the memory
+    holds them; a check that still runs out of memory gives that up first (the CPU stands in)."""
+    from scaling_abs import curvature
+
+    original, calls = curvature.top_eigenvalue, []
+
+    def tight(model, loss_fn, batches, **kw):
+        calls.append(kw["reuse_graph"])
+        if kw["reuse_graph"] == "auto" and len(batches) > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return original(model, loss_fn, batches, **kw)
+
+    monkeypatch.setattr(curvature, "top_eigenvalue", tight)
+    monkeypatch.setattr(curvature, "MEASURED_DEVICES", ("cpu",))
+    kw = {"model": "cnn", "strategy": "abs", "hessian_every": 256, "hessian_micro_batch_size": 16}
+    with pytest.warns(UserWarning, match="ran out of memory"):
+        run(tmp_path, "oom", **kw)
+    checks = [r for r in read_metrics(tmp_path / "oom") if r["kind"] == "check"]
+    assert checks[0]["out_of_memory"] == [
+        "it builds each micro-batch's graph afresh (hessian_reuse_graph=false)"
+    ]
+    assert calls[:2] == ["auto", False] and set(calls[2:]) == {False}
+    assert not checks[0]["checkpoint"] and checks[0]["hessian_micro_batch_size"] == 16
 
 
 def _preempted_at(step: int, cfg, monkeypatch, signum=signal.SIGTERM) -> dict:
