@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 from scaling_abs import versions
-from scaling_abs.errors import UserError
+from scaling_abs.errors import UserError, one_line
 
 
 def _train(argv: list[str]) -> int:
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[command](rest)
     except UserError as e:
-        print(f"scaling-abs {command}: error: {e}", file=sys.stderr)
+        print(f"scaling-abs {command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside its loop
         print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +49,17 @@ class DataBundle:
 
 def _read_idx(path: Path) -> np.ndarray:
     """The idx format: 2 zero bytes, a type byte (0x08 = uint8), the rank, big-endian sizes, data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # truncated or not gzip at all
+        raise UserError(f"data_dir: {path} is damaged ({e})") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise UserError(f"data_dir: {path} is not a uint8 idx file")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != 4 + 4 * ndim + int(np.prod(shape)):
+        raise UserError(f"data_dir: {path} is damaged (its header says {shape}, its data differ)")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -135,6 +141,7 @@ def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 RESIZED_CROP = 224  # resized_crop_flip's training crop and evaluation centre crop
+IMAGENET_RESIZE = 256  # ImageNet's shorter side before the centre crop (evaluation; none, crop_flip)
 RESIZED_CROP_ONLY = (
     "resized_crop_flip (ImageNet's 224-pixel crops, with a resized centre crop for its validation "
     "images) is for dataset=imagenet; other data sets take none or crop_flip"
@@ -154,7 +161,7 @@ def _transforms(augmentation: str, image_size: int, train: bool):
     if augmentation == "resized_crop_flip":
         if train:
             return v2.Compose([v2.RandomResizedCrop(RESIZED_CROP, antialias=True), v2.RandomHorizontalFlip()])
-        return v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(RESIZED_CROP)])
+        return v2.Compose([v2.Resize(IMAGENET_RESIZE, antialias=True), v2.CenterCrop(RESIZED_CROP)])
     raise UserError(f"augmentation: unknown augmentation {augmentation!r}")
 
 
@@ -172,8 +179,11 @@ class _FileImageDataset(Dataset):
         from torchvision.transforms.v2 import functional as TF
 
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            x = TF.to_dtype(TF.to_image(im.convert("RGB")), torch.float32, scale=True)
+        try:
+            with Image.open(path) as im:
+                x = TF.to_dtype(TF.to_image(im.convert("RGB")), torch.float32, scale=True)
+        except OSError as e:  # missing, truncated or not an image (PIL's errors are OSErrors)
+            raise UserError(f"data_dir: cannot read image {path} ({e})") from None
         if self.size is not None and x.shape[-1] != self.size:
             x = TF.resize(x, [self.size, self.size], antialias=True)
         return (self.transform(x) if self.transform else x), label
@@ -182,18 +192,24 @@ class _FileImageDataset(Dataset):
 def _image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    classes = classes or sorted(d.name for d in root.iterdir() if d.is_dir())
+    given = classes is not None  # validation folders may lack some of train/'s classes
+    # hidden folders (.ipynb_checkpoints, .git) are no classes
+    classes = classes or sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     index = {c: i for i, c in enumerate(classes)}
-    samples = []
+    samples, empty = [], []
     for c in classes:
-        for dirpath, _, files in sorted(os.walk(root / c)):
-            samples += [
-                (os.path.join(dirpath, f), index[c])
-                for f in sorted(files)
-                if f.lower().endswith(IMG_EXTENSIONS)
-            ]
+        found = [
+            (os.path.join(dirpath, f), index[c])
+            for dirpath, _, files in sorted(os.walk(root / c))
+            for f in sorted(files)
+            if f.lower().endswith(IMG_EXTENSIONS)
+        ]
+        empty += [] if found else [c]
+        samples += found
     if not samples:
         raise UserError(f"data_dir: no images under {root}")
+    if empty and not given:  # a class no sample has would still be an output of the model
+        raise UserError(f"data_dir: class folder {root / empty[0]} holds no images")
     return samples, classes
 
 
@@ -224,7 +240,7 @@ def _cifar(name, data_dir, aug, download):
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     try:
         tr, te = cls(data_dir, train=True, download=download), cls(data_dir, train=False, download=download)
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # missing or damaged files; offline with download=true
         raise UserError(f"data_dir: {e} (in {data_dir}; download=true fetches it when online)") from None
 
     def as_tensors(ds):
@@ -256,7 +272,7 @@ def _svhn(name, data_dir, aug, download):
     try:
         parts = [torchvision.datasets.SVHN(data_dir, split=split, download=download) for split in splits]
         te = torchvision.datasets.SVHN(data_dir, split="test", download=download)
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # missing or damaged files; offline with download=true
         raise UserError(f"data_dir: {e} (in {data_dir}; download=true fetches it when online)") from None
     images = torch.cat([torch.from_numpy(p.data) for p in parts])
     labels = torch.cat([torch.from_numpy(p.labels.astype(np.int64)) for p in parts])
@@ -265,17 +281,46 @@ def _svhn(name, data_dir, aug, download):
     return train, test, 10, 3, 32
 
 
+def _listed(
+    root: Path, listing: Path, rows: list[tuple[str, str]], index: dict[str, int]
+) -> list[tuple[str, int]]:
+    """Validation samples named by a listing file (``(file name, class)`` rows), every file and
+    class checked now rather than at the first evaluation, an epoch into training."""
+    samples = []
+    for name, wnid in rows:
+        if wnid not in index:
+            raise UserError(
+                f"data_dir: {listing} names class {wnid!r} for {name}, which train/ does not have"
+            )
+        path = root / name
+        if not path.is_file():
+            raise UserError(f"data_dir: {listing} lists {name}, which is not in {root}")
+        samples.append((str(path), index[wnid]))
+    if not samples:
+        raise UserError(f"data_dir: {listing} lists no images")
+    return samples
+
+
+def _folder_root(name: str, data_dir: str | None, layout: str) -> Path:
+    if not data_dir:
+        raise UserError(f"data_dir: {name} needs data_dir= (the folder with {layout})")
+    return Path(data_dir)
+
+
 def _tinyimagenet(data_dir, aug, **_):
-    root = Path(data_dir or "")
+    root = _folder_root("tinyimagenet", data_dir, "train/ and val/")
     _need_dir(root / "train", "TinyImageNet train/ folder")
+    _need_dir(root / "val", "TinyImageNet val/ folder")
     train_samples, classes = _image_folder(root / "train")
     index = {c: i for i, c in enumerate(classes)}
     ann = root / "val" / "val_annotations.txt"
-    if ann.exists():  # the official layout: val/images/*.JPEG + val_annotations.txt
+    if ann.exists() and (root / "val" / "images").is_dir():
+        # the official layout: val/images/*.JPEG + val_annotations.txt (file, wnid, box)
         rows = [line.split("\t") for line in ann.read_text().splitlines() if line.strip()]
-        val_samples = [(str(root / "val" / "images" / r[0]), index[r[1]]) for r in rows]
-    else:
-        _need_dir(root / "val", "TinyImageNet val/ folder")
+        if any(len(r) < 2 for r in rows):
+            raise UserError(f"data_dir: {ann} is not tab-separated (file, class, ...)")
+        val_samples = _listed(root / "val" / "images", ann, [(r[0], r[1]) for r in rows], index)
+    else:  # class folders (val/<wnid>/...), as reorganising scripts leave them
         val_samples, _ = _image_folder(root / "val", classes)
     return (
         _FileImageDataset(train_samples, _transforms(aug, 64, True), 64),
@@ -287,25 +332,44 @@ def _tinyimagenet(data_dir, aug, **_):
 
 
 def _imagenet(data_dir, aug, **_):
-    root = Path(data_dir or "")
+    from torchvision.transforms import v2
+
+    root = _folder_root("imagenet", data_dir, "train/<wnid>/ and val/")
     _need_dir(root / "train", "ImageNet train/ folder")
     _need_dir(root / "val", "ImageNet val/ folder")
     train_samples, classes = _image_folder(root / "train")
     solution = root / "LOC_val_solution.csv"
-    if not any(d.is_dir() for d in (root / "val").iterdir()) and solution.exists():
+    if not any(d.is_dir() for d in (root / "val").iterdir()):
         # Kaggle's flat val/ with LOC_val_solution.csv (ImageId, "wnid x y x y ...")
-        index = {c: i for i, c in enumerate(classes)}
+        if not solution.exists():
+            raise UserError(
+                f"data_dir: ImageNet's val/ has no class folders and {solution} is missing (Kaggle's "
+                "download keeps LOC_val_solution.csv two folders above ILSVRC/Data/CLS-LOC: copy it beside train/ and val/)"
+            )
         rows = [line.split(",") for line in solution.read_text().splitlines()[1:] if line.strip()]
-        val_samples = [(str(root / "val" / f"{r[0]}.JPEG"), index[r[1].split()[0]]) for r in rows]
+        if any(len(r) < 2 or not r[1].split() for r in rows):
+            raise UserError(f"data_dir: {solution} is not ImageId,PredictionString rows")
+        index = {c: i for i, c in enumerate(classes)}
+        val_samples = _listed(
+            root / "val", solution, [(f"{r[0]}.JPEG", r[1].split()[0]) for r in rows], index
+        )
     else:
         val_samples, _ = _image_folder(root / "val", classes)
-    size = 224 if aug == "resized_crop_flip" else None
+    # Every image becomes 224 x 224: resized_crop_flip crops at random scales and aspects (training)
+    # and centre-crops (evaluation); the others take the evaluation's resize and centre crop, to
+    # which crop_flip adds its padded random crop and flip.
+    centre = v2.Compose([v2.Resize(IMAGENET_RESIZE, antialias=True), v2.CenterCrop(RESIZED_CROP)])
+    if aug == "resized_crop_flip":
+        train_t, test_t = _transforms(aug, RESIZED_CROP, True), _transforms(aug, RESIZED_CROP, False)
+    else:
+        extra = _transforms(aug, RESIZED_CROP, True)
+        train_t, test_t = (centre if extra is None else v2.Compose([centre, extra])), centre
     return (
-        _FileImageDataset(train_samples, _transforms(aug, 224, True)),
-        _FileImageDataset(val_samples, _transforms(aug, 224, False)),
+        _FileImageDataset(train_samples, train_t),
+        _FileImageDataset(val_samples, test_t),
         len(classes),
         3,
-        size or 224,
+        RESIZED_CROP,
     )
 
 

@@ -9,6 +9,17 @@ class UserError(ValueError):
     """A problem with the user's input: a config value, a path, a data set."""
 
 
+def one_line(error: UserError) -> str:
+    """The error's message as one line. A DataLoader worker's UserError reaches the main process
+    re-made with the worker's traceback in its message ("Caught UserError in DataLoader worker
+    process 0. Original Traceback ..."): its last line, the original message, is the one."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(f"{__name__}.") and ": " in last else last
+    return text
+
+
 class ConfigError(UserError):
     """A bad configuration key or value; the message names the key."""
 

@@ -209,3 +209,112 @@ def test_imagenet_crops_are_for_imagenet_only():
     data, _ = build_data_and_model(load_config(None, ["model=i3", "limit_train_samples=64"]))
     x, _ = data.train.__getitems__(list(range(4)))
     assert x.shape[-1] == data.image_size == 28
+
+
+@pytest.mark.parametrize("augmentation", ["none", "crop_flip"])
+def test_imagenet_images_of_any_size_become_224_without_resized_crops(tmp_path, augmentation):
+    """ImageNet's photos differ in size: without resized_crop_flip they took no resize at all and a
+    micro-batch of two failed to stack (at the first step, or for crop_flip at the first evaluation)."""
+    from PIL import Image
+
+    for split, sizes in (("train", [(300, 200), (180, 260)]), ("val", [(500, 333), (240, 240)])):
+        for i, (w, h) in enumerate(sizes):
+            (tmp_path / split / f"n0{i}").mkdir(parents=True)
+            Image.fromarray(np.full((h, w, 3), 100, np.uint8)).save(tmp_path / split / f"n0{i}" / "a.png")
+    d = build_dataset("imagenet", data_dir=str(tmp_path), augmentation=augmentation)
+    assert d.image_size == 224
+    for ds in (d.train, d.test):
+        x, y = collate_batch([ds[0], ds[1]])
+        assert x.shape == (2, 3, 224, 224) and y.tolist() == [0, 1]
+
+
+def test_damaged_or_odd_folder_data_sets_are_one_line_errors(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "tiny"
+    for c in ("n01", "n02"):
+        _write_images(root / "train" / c, ["images"], 2, size=64)
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # hidden: no class
+    # a reorganised val/: class folders, the annotations file left behind
+    _write_images(root / "val", ["n01", "n02"], 1, size=64)
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn01\t0\t0\t9\t9\n")
+    d = build_dataset("tinyimagenet", data_dir=str(root))
+    assert (d.num_classes, len(d.test), d.test[1][1]) == (2, 2, 1)
+    # the official layout naming a class train/ lacks, or a file that is not there
+    (root / "val" / "images").mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "val" / "images" / "val_0.JPEG")
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn09\t0\t0\t9\t9\n")
+    with pytest.raises(UserError, match="names class 'n09' for val_0.JPEG"):
+        build_dataset("tinyimagenet", data_dir=str(root))
+    (root / "val" / "val_annotations.txt").write_text("val_1.JPEG\tn01\t0\t0\t9\t9\n")
+    with pytest.raises(UserError, match="lists val_1.JPEG, which is not in"):
+        build_dataset("tinyimagenet", data_dir=str(root))
+    (root / "train" / "n03").mkdir()
+    with pytest.raises(UserError, match="class folder .*n03 holds no images"):
+        build_dataset("tinyimagenet", data_dir=str(root))
+    (root / "train" / "n03").rmdir()
+    # a truncated image: a one-line error when it is read, not PIL's traceback
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn01\t0\t0\t9\t9\n")
+    broken = root / "val" / "images" / "val_0.JPEG"
+    broken.write_bytes(broken.read_bytes()[:40])
+    d = build_dataset("tinyimagenet", data_dir=str(root))
+    with pytest.raises(UserError, match="cannot read image .*val_0.JPEG"):
+        d.test[0]
+    # no data_dir: said so, not "train/ folder not found: train" (the working folder was read)
+    for name in ("tinyimagenet", "imagenet"):
+        with pytest.raises(UserError, match=f"^data_dir: {name} needs data_dir="):
+            build_dataset(name)
+    # Kaggle's flat val/ without its CSV beside train/ and val/
+    _write_images(tmp_path / "inet" / "train", ["n01"], 1)
+    (tmp_path / "inet" / "val").mkdir()
+    with pytest.raises(UserError, match="LOC_val_solution.csv is missing"):
+        build_dataset("imagenet", data_dir=str(tmp_path / "inet"))
+    # a truncated Fashion-MNIST file
+    fm = tmp_path / "fm"
+    fm.mkdir()
+    import gzip
+
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (fm / f"{name}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x05abc"))
+    with pytest.raises(UserError, match="is damaged"):
+        read_fashion_mnist(fm)
+    (fm / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00" * 64)[:20])
+    with pytest.raises(UserError, match="train-images-idx3-ubyte.gz is damaged"):
+        read_fashion_mnist(fm)
+
+
+def test_a_worker_s_user_error_is_one_line():
+    """A DataLoader worker's UserError arrives with the worker's traceback in its message; the CLI
+    prints its last line, the original message."""
+    from scaling_abs.errors import one_line
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise UserError("data_dir: cannot read image x.png (truncated)")
+
+    loader = torch.utils.data.DataLoader(Broken(), num_workers=1)
+    with pytest.raises(UserError) as info:
+        next(iter(loader))
+    assert "Traceback" in str(info.value)
+    assert one_line(info.value) == "data_dir: cannot read image x.png (truncated)"
+    assert one_line(UserError("a\nb")) == "a\nb"  # anything else as it is
+
+
+def test_offline_download_is_a_user_error(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UserError, match="^data_dir: .*no network"):
+        build_dataset("cifar10", data_dir=str(tmp_path), download=True)
