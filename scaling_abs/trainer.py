@@ -529,18 +529,24 @@ class Trainer:
         self, samples: int | None = None, seed: int | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of a seeded draw of ``samples`` (default ``hessian_samples``) training
-        samples, micro-batched; the default seed follows the check count."""
+        samples, micro-batched; the default seed follows the check count. With augmentation the
+        images are augmented as in training (the Hessian of the loss being trained), drawn from a
+        generator seeded by the draw and the rank: a check is a function of the seed and the check
+        number, and leaves the global random state alone (it drew from it before 2026-11-27)."""
         acc = self.accelerator
+        draw_seed = hessian_seed(self.cfg, self.state.checks, seed)
         idx = hessian_draw(
             self.cfg,
             self.n_train,
             self.state.checks,
             samples=samples,
-            seed=seed,
+            seed=draw_seed,
             world=acc.num_processes,
             rank=acc.process_index,
         )
-        return fetch_batches(self.data.train, idx, self._check_memory["micro"], acc.device)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator, where transforms draw
+            torch.default_generator.manual_seed(draw_seed * 65_537 + acc.process_index)
+            return fetch_batches(self.data.train, idx, self._check_memory["micro"], acc.device)
 
     def _curvature_model(self) -> torch.nn.Module:
         """The module the check differentiates. ZeRO-3 keeps only a shard of each parameter on a rank
@@ -1120,6 +1126,11 @@ def _check_input_fits(model: torch.nn.Module, cfg: TrainConfig, data: DataBundle
         model.train(was_training)
 
 
+def hessian_seed(cfg: TrainConfig, check: int, seed: int | None = None) -> int:
+    """The seed of check number ``check``'s Hessian sample draw (``seed``, when given, instead)."""
+    return cfg.seed * 1_000_003 + check if seed is None else seed
+
+
 def hessian_draw(
     cfg: TrainConfig,
     n_train: int,
@@ -1134,7 +1145,7 @@ def hessian_draw(
     samples for check number ``check`` (0-based; ``seed`` overrides the seed it gives)."""
     n = min(cfg.hessian_samples if samples is None else samples, n_train)
     n -= n % world
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + check if seed is None else seed)
+    g = torch.Generator().manual_seed(hessian_seed(cfg, check, seed))
     idx = torch.randperm(n_train, generator=g)[:n].tolist()
     share = n // world
     return idx[rank * share : (rank + 1) * share]
