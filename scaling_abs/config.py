@@ -46,7 +46,12 @@ class TrainConfig:
         "auto", "auto (the paper's choice for the model) | none | crop_flip | resized_crop_flip"
     )
     limit_train_samples: int = _f(0, "use only this many training samples (0 = all)")
-    download: bool = _f(False, "let torchvision download CIFAR/SVHN into data_dir (needs network)")
+    download: bool = _f(
+        False,
+        "let torchvision download CIFAR/SVHN into data_dir, or datasets fetch an hf: set (needs network)",
+    )
+    image_column: str = _f("image", "hf: data sets: the column holding the images")
+    label_column: str = _f("label", "hf: data sets: the column holding the labels (class ids or names)")
     # strategy and schedule
     strategy: str = _f("absa", "bl | fb | gg | abs | absa")
     epochs: float = _f(8.0, "training length in epochs (passes over the training samples)")

@@ -8,6 +8,7 @@ micro-batch is one indexing operation, which is what makes CPU training fast. Fo
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import zlib
@@ -373,14 +374,20 @@ def _imagenet(data_dir, aug, **_):
     )
 
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes taken as one channel; any other as RGB
+
+
 class _HFImageDataset(Dataset):
-    def __init__(self, ds, image_column: str, label_column: str, transform: Callable | None):
-        self.ds, self.image_column, self.label_column, self.transform = (
-            ds,
-            image_column,
-            label_column,
-            transform,
-        )
+    """A ``datasets`` split as ``(image in [0, 1] CHW, label)``: PIL images converted to ``mode``
+    (palette, CMYK and the like to RGB, a stray greyscale image among colour ones too), every
+    image resized to ``size`` (the first image's) where it differs, labels through ``label_map``
+    (string labels) or as they are."""
+
+    def __init__(self, ds, image_column: str, label_column: str, *, mode: str, label_map: dict | None):
+        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+        self.mode, self.label_map = mode, label_map
+        self.size: tuple[int, int] | None = None
+        self.transform: Callable | None = None
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -391,7 +398,11 @@ class _HFImageDataset(Dataset):
         row = self.ds[int(i)]
         img = row[self.image_column]
         if hasattr(img, "convert"):  # PIL
-            x = TF.to_dtype(TF.to_image(img), torch.float32, scale=True)
+            x = TF.to_dtype(
+                TF.to_image(img if img.mode == self.mode else img.convert(self.mode)),
+                torch.float32,
+                scale=True,
+            )
         else:
             arr = torch.as_tensor(np.asarray(img))
             arr = (
@@ -403,21 +414,84 @@ class _HFImageDataset(Dataset):
             )
             # integer pixels (uint8, or int64 after a round trip through Arrow) are 0..255
             x = arr.float().div(255) if not arr.is_floating_point() else arr.float()
-        return (self.transform(x) if self.transform else x), int(row[self.label_column])
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = TF.resize(x, list(self.size), antialias=True)
+        label = row[self.label_column]
+        label = self.label_map[label] if self.label_map is not None else int(label)
+        return (self.transform(x) if self.transform else x), label
 
 
-def _hf(name, data_dir, aug, image_column, label_column, **_):
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """``datasets`` and ``huggingface_hub`` kept off the network (their offline flags, read at each
+    call) unless ``download=true``: a name that is not in the local cache is then an error, not a
+    download."""
+    if not offline:
+        yield
+        return
+    import datasets
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
+def _load_hf(name: str, data_dir: str | None, download: bool):
+    import datasets
+
+    source = data_dir or name
+    saved = Path(source).is_dir() and any(
+        (Path(source) / f).exists() for f in ("dataset_dict.json", "state.json")
+    )
+    try:
+        with _hub_offline(not download):
+            # save_to_disk's folders; any other folder (imagefolder, parquet, csv) or a hub name
+            return datasets.load_from_disk(source) if saved else datasets.load_dataset(source)
+    except Exception as e:  # offline hub access, a bad path: the user's to fix
+        hint = "" if download else "; download=true lets datasets fetch it"
+        raise UserError(f"dataset: cannot load hf:{name} ({str(e).splitlines()[0][:200]}{hint})") from None
+
+
+def _hf_labels(name: str, ds, label_column: str, test_split: str) -> tuple[int, dict | None]:
+    """The number of classes and, for string labels, their map (sorted names of the training
+    labels); every label of both splits checked to be a class."""
+    feature = ds["train"].features[label_column]
+    train_labels, test_labels = ds["train"][label_column], ds[test_split][label_column]
+    label_map = None
+    if hasattr(feature, "num_classes"):  # ClassLabel
+        num_classes = feature.num_classes
+    elif all(isinstance(v, str) for v in train_labels):
+        label_map = {c: i for i, c in enumerate(sorted(set(train_labels)))}
+        unknown = sorted(set(test_labels) - set(label_map))
+        if unknown:
+            raise UserError(f"dataset: hf:{name}'s {test_split} labels {unknown[:3]} are not training labels")
+        return len(label_map), label_map
+    elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in train_labels):
+        num_classes = int(max(train_labels)) + 1
+    else:
+        raise UserError(f"dataset: hf:{name}'s {label_column!r} column holds neither integers nor strings")
+    for split, labels in (("train", train_labels), (test_split, test_labels)):
+        bad = [v for v in labels if not isinstance(v, (int, np.integer)) or not 0 <= v < num_classes]
+        if bad:
+            raise UserError(
+                f"dataset: hf:{name}'s {split} split has label {bad[0]!r}, not one of the {num_classes} "
+                "classes (an unlabelled split marks its labels -1)"
+            )
+    return num_classes, label_map
+
+
+def _hf(name, data_dir, aug, image_column, label_column, download=False, **_):
     try:
         import datasets
     except ImportError:
         raise UserError(
             "dataset: hf: data sets need the datasets package (pip install 'scaling-abs[hf]')"
         ) from None
-    source = data_dir or name
-    try:
-        ds = datasets.load_from_disk(source) if Path(source).is_dir() else datasets.load_dataset(source)
-    except Exception as e:  # offline hub access, a bad path: the user's to fix
-        raise UserError(f"dataset: cannot load hf:{name} ({str(e).splitlines()[0][:200]})") from None
+    ds = _load_hf(name, data_dir, download)
     if not isinstance(ds, datasets.DatasetDict) or "train" not in ds:
         raise UserError(f"dataset: hf:{name} must have a train split (and test or validation)")
     test_split = "test" if "test" in ds else "validation" if "validation" in ds else None
@@ -425,21 +499,26 @@ def _hf(name, data_dir, aug, image_column, label_column, **_):
         raise UserError(f"dataset: hf:{name} has no test or validation split")
     for col in (image_column, label_column):
         if col not in ds["train"].column_names:
-            raise UserError(f"dataset: hf:{name} has no column {col!r} (columns: {ds['train'].column_names})")
-    train = _HFImageDataset(ds["train"], image_column, label_column, None)
+            raise UserError(
+                f"dataset: hf:{name} has no column {col!r} (columns: {ds['train'].column_names}; "
+                "image_column= and label_column= name others)"
+            )
+    num_classes, label_map = _hf_labels(name, ds, label_column, test_split)
+    # one channel only if the first images are all greyscale; PIL images of other modes converted
+    head = ds["train"].select(range(min(32, len(ds["train"]))))[image_column]
+    grey = all(getattr(img, "mode", None) in GREY_MODES for img in head)
+    train, test = (
+        _HFImageDataset(
+            ds[split], image_column, label_column, mode="L" if grey else "RGB", label_map=label_map
+        )
+        for split in ("train", test_split)
+    )
     x0, _ = train[0]
+    if x0.is_floating_point() and not 0 <= float(x0.min()) <= float(x0.max()) <= 1:
+        raise UserError(f"dataset: hf:{name}'s float images are not in [0, 1] (scale them, or store uint8)")
+    train.size = test.size = tuple(x0.shape[-2:])
     train.transform = _transforms(aug, x0.shape[-1], True)
-    feature = ds["train"].features[label_column]
-    num_classes = (
-        feature.num_classes if hasattr(feature, "num_classes") else int(max(ds["train"][label_column])) + 1
-    )
-    return (
-        train,
-        _HFImageDataset(ds[test_split], image_column, label_column, None),
-        num_classes,
-        x0.shape[0],
-        x0.shape[-1],
-    )
+    return train, test, num_classes, x0.shape[0], x0.shape[-1]
 
 
 def build_dataset(
@@ -459,7 +538,7 @@ def build_dataset(
         raise UserError(f"augmentation: {RESIZED_CROP_ONLY}")
     if name.startswith("hf:"):
         train, test, classes, channels, size = _hf(
-            name[3:], data_dir, augmentation, image_column, label_column
+            name[3:], data_dir, augmentation, image_column, label_column, download=download
         )
         mean = std = None
     elif name == "fashion_mnist":

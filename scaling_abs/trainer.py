@@ -1093,6 +1093,8 @@ def build_data_and_model(cfg: TrainConfig) -> tuple[DataBundle, torch.nn.Module]
         data_dir=cfg.data_dir or None,
         augmentation=aug,
         download=cfg.download,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
         limit_train_samples=cfg.limit_train_samples or None,
     )
     model = build_model(

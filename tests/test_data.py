@@ -318,3 +318,80 @@ def test_offline_download_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(UserError, match="^data_dir: .*no network"):
         build_dataset("cifar10", data_dir=str(tmp_path), download=True)
+
+
+def _hf_set(tmp_path, train_images, train_labels, test_images, test_labels, **features):
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"image": datasets.Image(), **features}) if features else None
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"image": train_images, "label": train_labels}, features=feats
+            ),
+            "test": datasets.Dataset.from_dict({"image": test_images, "label": test_labels}, features=feats),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "set"))
+    return str(tmp_path / "set")
+
+
+def test_hf_images_of_any_mode_and_size_and_string_labels(tmp_path):
+    """Palette and CMYK images trained on palette indices / 4 channels, a greyscale image among
+    colour ones or one of another size failed to stack, string labels were a traceback."""
+    from PIL import Image
+
+    datasets = pytest.importorskip("datasets")
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    images = [red.convert("P"), red.convert("CMYK"), Image.new("L", (8, 8), 128), red.resize((12, 10))]
+    path = _hf_set(
+        tmp_path, images, ["cat", "dog", "cat", "emu"], [red], ["dog"], label=datasets.Value("string")
+    )
+    d = build_dataset("hf:set", data_dir=path)
+    assert (d.num_classes, d.in_channels, d.image_size) == (3, 3, 8)
+    x, y = collate_batch([d.train[i] for i in range(4)])
+    assert x.shape == (4, 3, 8, 8) and y.tolist() == [0, 1, 0, 2]  # cat, dog, emu sorted
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([1.0, 0.0, 0.0]))  # red, not an index
+    assert d.test[0][1] == 1
+    path = _hf_set(tmp_path / "b", images, ["cat"] * 4, [red], ["owl"], label=datasets.Value("string"))
+    with pytest.raises(UserError, match=r"test labels \['owl'\] are not training labels"):
+        build_dataset("hf:set", data_dir=path)
+
+
+def test_hf_labels_are_checked_in_both_splits(tmp_path):
+    from PIL import Image
+
+    grey = [Image.new("L", (8, 8), v) for v in (0, 100, 200)]
+    d = build_dataset("hf:set", data_dir=_hf_set(tmp_path, grey, [0, 1, 2], grey[:1], [2]))
+    assert (d.num_classes, d.in_channels) == (3, 1)  # all greyscale: one channel
+    for labels, match in (([3], "test split has label 3"), ([-1], "test split has label -1")):
+        path = _hf_set(tmp_path / str(labels[0]), grey, [0, 1, 2], grey[:1], labels)
+        with pytest.raises(UserError, match=match):
+            build_dataset("hf:set", data_dir=path)
+
+
+def test_hf_folders_columns_and_the_network(tmp_path, monkeypatch):
+    """An imagefolder (not save_to_disk's) loads through datasets.load_dataset; a name that is not
+    cached is an error without download=true, with no connection tried."""
+    pytest.importorskip("datasets")
+    import socket
+
+    _write_images(tmp_path / "folder" / "train", ["a", "b"], 2)
+    _write_images(tmp_path / "folder" / "test", ["a", "b"], 1)
+    d = build_dataset("hf:folder", data_dir=str(tmp_path / "folder"))
+    assert (len(d.train), len(d.test), d.num_classes) == (4, 2, 2)
+    with pytest.raises(UserError, match="image_column= and label_column="):
+        build_dataset("hf:folder", data_dir=str(tmp_path / "folder"), label_column="y")
+
+    tried = []
+
+    def no_network(*a, **k):
+        tried.append(a)
+        raise OSError("no network in tests")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    with pytest.raises(UserError, match="download=true lets datasets fetch it"):
+        build_dataset("hf:someone/not-cached")
+    assert tried == []

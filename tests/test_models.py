@@ -72,3 +72,35 @@ def test_unknown_and_unavailable_models():
         build_model("resnet1000", num_classes=10, in_channels=3, image_size=32)
     with pytest.raises(UserError, match="hf:"):
         build_model("hf:/no/such/model", num_classes=10, in_channels=3, image_size=32)
+
+
+def test_hf_checkpoint_loads_in_fp32_with_its_processor_s_normalisation(tmp_path):
+    """An fp16 checkpoint trained fp16 weights with plain SGD, and the model's image processor
+    (the normalisation its weights expect) was ignored for the data set's statistics."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    transformers.ViTForImageClassification(config).half().save_pretrained(tmp_path / "vit")
+    model = build_model(
+        f"hf:{tmp_path / 'vit'}", num_classes=3, in_channels=3, image_size=8, mean=[0.1] * 3, std=[0.2] * 3
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.mean.flatten().tolist() == pytest.approx([0.1] * 3)  # no processor: the data set's
+    transformers.ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(
+        tmp_path / "vit"
+    )
+    model = build_model(
+        f"hf:{tmp_path / 'vit'}", num_classes=3, in_channels=3, image_size=8, mean=[0.1] * 3, std=[0.2] * 3
+    )
+    assert model.mean.flatten().tolist() == pytest.approx([0.5] * 3)
+    assert model.std.flatten().tolist() == pytest.approx([0.25] * 3)
+    with pytest.raises(UserError, match=r"^model: hf:/no/such/vit: no such directory$"):
+        build_model("hf:/no/such/vit", num_classes=3, in_channels=3, image_size=8)

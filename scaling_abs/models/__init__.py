@@ -87,9 +87,12 @@ def build_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> nn.Module:
-    """A zoo model (or ``hf:<name or local path>``) wrapped in :class:`Normalized`."""
+    """A zoo model (or ``hf:<name or local path>``) wrapped in :class:`Normalized`: with the data
+    set's ``mean``/``std``, or for an ``hf:`` model with an image processor, the processor's (what
+    its pretrained weights expect)."""
     if name.startswith("hf:"):
         net = vision.hf_pretrained(name[3:], num_classes=num_classes)
+        mean, std = vision.hf_normalization(name[3:]) or (mean, std)
     elif name in MODELS:
         net = MODELS[name].build(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     else:

@@ -5,6 +5,8 @@ max-pool for a 3x3 stride-1 stem, as in the papers' CIFAR code."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torchvision
 from torch import nn
@@ -200,15 +202,38 @@ def vit_tiny(*, num_classes: int, in_channels: int, image_size: int) -> nn.Modul
 
 
 def hf_pretrained(path: str, *, num_classes: int) -> nn.Module:
-    """``hf:<name or local path>``: pretrained weights that are already on disk (no hub access)."""
+    """``hf:<name or local path>``: pretrained weights that are already on disk (no hub access),
+    in fp32 whatever the checkpoint stores (an fp16 checkpoint trained fp16 weights with plain
+    SGD; mixed precision is ``mixed_precision``'s)."""
     try:
         from transformers import AutoModelForImageClassification
     except ImportError:
         raise UserError("model: hf: models need transformers (pip install 'scaling-abs[hf]')") from None
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+        raise UserError(f"model: hf:{path}: no such directory")
     try:
         net = AutoModelForImageClassification.from_pretrained(
-            path, num_labels=num_classes, ignore_mismatched_sizes=True, local_files_only=True
+            str(Path(path).expanduser()) if path.startswith("~") else path,
+            num_labels=num_classes,
+            ignore_mismatched_sizes=True,
+            local_files_only=True,
+            dtype=torch.float32,
         )
     except (OSError, ValueError) as e:
         raise UserError(f"model: cannot load hf:{path} from local files ({str(e).splitlines()[0]})") from None
     return _LogitsOnly(net)
+
+
+def hf_normalization(path: str) -> tuple[list[float], list[float]] | None:
+    """The mean and std of the model's own image processor (``preprocessor_config.json``), which
+    its pretrained weights expect; None without one, or one that does not normalise."""
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except Exception:  # no processor saved with the model: the data set's statistics apply
+        return None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if not getattr(processor, "do_normalize", True) or mean is None or std is None:
+        return None
+    return list(mean), list(std)
