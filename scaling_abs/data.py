@@ -46,6 +46,7 @@ class DataBundle:
     image_size: int
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    class_names: list[str] | None = None  # hf: sets with ClassLabel or string labels
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -388,6 +389,7 @@ class _HFImageDataset(Dataset):
         self.mode, self.label_map = mode, label_map
         self.size: tuple[int, int] | None = None
         self.transform: Callable | None = None
+        self.class_names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -517,6 +519,8 @@ def _hf(name, data_dir, aug, image_column, label_column, download=False, **_):
     if x0.is_floating_point() and not 0 <= float(x0.min()) <= float(x0.max()) <= 1:
         raise UserError(f"dataset: hf:{name}'s float images are not in [0, 1] (scale them, or store uint8)")
     train.size = test.size = tuple(x0.shape[-2:])
+    feature = ds["train"].features[label_column]
+    train.class_names = list(feature.names) if hasattr(feature, "names") else label_map and list(label_map)
     train.transform = _transforms(aug, x0.shape[-1], True)
     return train, test, num_classes, x0.shape[0], x0.shape[-1]
 
@@ -553,6 +557,7 @@ def build_dataset(
         train, test, classes, channels, size = _imagenet(data_dir, augmentation)
     else:
         raise UserError(f"dataset: unknown data set {name!r} (choose {', '.join(DATASETS)} or hf:<name>)")
+    class_names = getattr(train, "class_names", None)
     if not name.startswith("hf:"):
         mean, std = MEAN_STD[name]
     if limit_train_samples and limit_train_samples < len(train):
@@ -561,4 +566,4 @@ def build_dataset(
             train = TensorImageDataset(train.images[keep], train.targets[keep], train.transform)
         else:
             train = torch.utils.data.Subset(train, keep.tolist())
-    return DataBundle(name, train, test, classes, channels, size, mean, std)
+    return DataBundle(name, train, test, classes, channels, size, mean, std, class_names)

@@ -1043,12 +1043,36 @@ class Trainer:
                     save_model(self.raw_model, path)  # handles tied weights
                 else:
                     save_file({k: v.detach().contiguous().clone() for k, v in ds_state.items()}, path)
+                if self.cfg.model.startswith("hf:"):
+                    self._save_pretrained(ds_state)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self._metrics.close()
             if self._tb is not None:
                 self._tb.close()
         acc.wait_for_everyone()
         return summary
+
+    def _save_pretrained(self, ds_state: dict | None) -> None:
+        """An ``hf:`` model also as transformers saves it (``output_dir/hf_model``: config with the
+        data set's class names, weights, and the image processor it came with), for
+        ``from_pretrained``; ``model.safetensors`` holds the same weights under our wrappers' names."""
+        net = self.raw_model.model.net  # Normalized -> _LogitsOnly -> the transformers model
+        names = self.data.class_names or [str(i) for i in range(self.data.num_classes)]
+        net.config.id2label = dict(enumerate(names))
+        net.config.label2id = {n: i for i, n in enumerate(names)}
+        target = self.out / "hf_model"
+        state = None
+        if ds_state is not None:  # DeepSpeed: the gathered state, under the wrappers' prefix
+            prefix = "model.net."
+            state = {k[len(prefix) :]: v for k, v in ds_state.items() if k.startswith(prefix)}
+        net.save_pretrained(target, state_dict=state)
+        source = self.cfg.model[3:]
+        try:
+            from transformers import AutoImageProcessor
+
+            AutoImageProcessor.from_pretrained(source, local_files_only=True).save_pretrained(target)
+        except Exception:  # the model came without a processor: nothing to pass on
+            pass
 
     def close(self) -> None:
         """Release model, optimizer and loaders before the process ends (a 2-process CPU run

@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -848,3 +849,58 @@ def test_a_resumed_run_drops_tensorboard_events_past_its_checkpoint(tmp_path, mo
     assert all(e.value >= 0 for e in losses)  # the ghost is gone
     steps = [e.step for e in losses]
     assert steps == sorted(set(steps))
+
+
+def test_an_hf_model_is_saved_for_from_pretrained(tmp_path):
+    """An hf: run also writes output_dir/hf_model: transformers loads it with the data set's class
+    names and the trained weights (model.safetensors has them under our wrappers' names)."""
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+    )
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    transformers.ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        tmp_path / "vit"
+    )
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(32)]
+    features = datasets.Features(
+        {
+            "image": datasets.Array3D((8, 8, 3), "uint8"),
+            "label": datasets.ClassLabel(names=["ant", "bee", "cat"]),
+        }
+    )
+    split = datasets.Dataset.from_dict(
+        {"image": images, "label": [i % 3 for i in range(32)]}, features=features
+    )
+    datasets.DatasetDict({"train": split, "test": split.select(range(8))}).save_to_disk(str(tmp_path / "set"))
+    out = tmp_path / "run"
+    train(
+        load_config(
+            None,
+            {
+                **BASE,
+                "model": f"hf:{tmp_path / 'vit'}",
+                "dataset": "hf:set",
+                "data_dir": str(tmp_path / "set"),
+                "limit_train_samples": 0,
+                "hessian_samples": 16,
+                "output_dir": str(out),
+            },
+        )
+    )
+    loaded = transformers.ViTForImageClassification.from_pretrained(out / "hf_model")
+    assert loaded.config.id2label == {0: "ant", 1: "bee", 2: "cat"} and loaded.config.num_labels == 3
+    ours = load_file(str(out / "model.safetensors"))
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, ours[f"model.net.{name}"], rtol=0, atol=0)
+    processor = transformers.AutoImageProcessor.from_pretrained(out / "hf_model")
+    assert list(processor.image_mean) == [0.5] * 3
