@@ -623,16 +623,7 @@ class HessianOperator:
                 scale=FP16_LOSS_SCALE if self.autocast_dtype == torch.float16 else 1.0,
             )
         if not self.reuse_graph:  # the vector is already the fp16 unit one (__call__)
-            return _grad_and_hvp(
-                self.model,
-                self.loss_fn,
-                batch,
-                self.params,
-                vector,
-                self.autocast_dtype,
-                self.method,
-                self.custom_rules,
-            )[1]
+            return self._fresh(index, vector)
         if self.reuse_graph == "fit":
             return self._hvp_fit(index, vector)
         if self._graphs is None:  # built at the first product, kept until the operator is dropped
@@ -643,6 +634,19 @@ class HessianOperator:
         grads, scale = self._graphs[index]
         return _hvp_from_graph(grads, self.params, vector, scale, retain_graph=True)
 
+    def _fresh(self, index: int, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Micro-batch ``index``'s product from a new forward and backward (no graph kept)."""
+        return _grad_and_hvp(
+            self.model,
+            self.loss_fn,
+            self.batches[index],
+            self.params,
+            vector,
+            self.autocast_dtype,
+            self.method,
+            self.custom_rules,
+        )[1]
+
     def _hvp_fit(self, index: int, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``reuse_graph="fit"``: the kept graph of micro-batch ``index``; at the first product each
         micro-batch's graph is built in turn and kept while the memory holds it (its size measured
@@ -652,16 +656,7 @@ class HessianOperator:
             grads, scale = self._graphs[index]
             return _hvp_from_graph(grads, self.params, vector, scale, retain_graph=True)
         if not (self._keeping and index == len(self._graphs)):
-            return _grad_and_hvp(
-                self.model,
-                self.loss_fn,
-                self.batches[index],
-                self.params,
-                vector,
-                self.autocast_dtype,
-                self.method,
-                self.custom_rules,
-            )[1]
+            return self._fresh(index, vector)
         device = self.params[0].device
         before = _device_memory(device)
         grads, scale = _gradient_graph(

@@ -19,3 +19,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def save_tiny_vit():
+    """``save(path, num_labels, dtype=torch.float32)``: a 1-layer ViT for 3x8x8 images, saved with
+    ``save_pretrained`` (transformers needed: the test is skipped without it)."""
+    transformers = pytest.importorskip("transformers")
+
+    def save(path, num_labels: int, dtype=None):
+        config = transformers.ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=num_labels,
+        )
+        net = transformers.ViTForImageClassification(config)
+        (net if dtype is None else net.to(dtype)).save_pretrained(path)
+        return transformers
+
+    return save

@@ -74,21 +74,10 @@ def test_unknown_and_unavailable_models():
         build_model("hf:/no/such/model", num_classes=10, in_channels=3, image_size=32)
 
 
-def test_hf_checkpoint_loads_in_fp32_with_its_processor_s_normalisation(tmp_path):
+def test_hf_checkpoint_loads_in_fp32_with_its_processor_s_normalisation(tmp_path, save_tiny_vit):
     """An fp16 checkpoint trained fp16 weights with plain SGD, and the model's image processor
     (the normalisation its weights expect) was ignored for the data set's statistics."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-    )
-    transformers.ViTForImageClassification(config).half().save_pretrained(tmp_path / "vit")
+    transformers = save_tiny_vit(tmp_path / "vit", 3, torch.float16)
     model = build_model(
         f"hf:{tmp_path / 'vit'}", num_classes=3, in_channels=3, image_size=8, mean=[0.1] * 3, std=[0.2] * 3
     )

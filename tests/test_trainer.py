@@ -851,22 +851,11 @@ def test_a_resumed_run_drops_tensorboard_events_past_its_checkpoint(tmp_path, mo
     assert steps == sorted(set(steps))
 
 
-def test_an_hf_model_is_saved_for_from_pretrained(tmp_path):
+def test_an_hf_model_is_saved_for_from_pretrained(tmp_path, save_tiny_vit):
     """An hf: run also writes output_dir/hf_model: transformers loads it with the data set's class
     names and the trained weights (model.safetensors has them under our wrappers' names)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = save_tiny_vit(tmp_path / "vit", 2)
     datasets = pytest.importorskip("datasets")
-    config = transformers.ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=2,
-    )
-    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
     transformers.ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
         tmp_path / "vit"
     )
