@@ -1,6 +1,7 @@
 """FGSM examples and ABSA's gamma-fraction mix (paper Section 3.1, Goodfellow et al. 2014).
 
-FGSM runs under whatever autocast the caller has entered (the training forward's), with the model
+FGSM runs under whatever autocast the caller has entered (the training forward's; under fp16 with
+its loss scaled, see :data:`FP16_FGSM_SCALE`), with the model
 in eval mode so BatchNorm statistics are not polluted, and leaves the model as it found it: modes,
 buffers and ``.grad``s (only the input's gradient is taken, with ``torch.autograd.grad``).
 """
@@ -43,10 +44,27 @@ def fgsm(
     x = inputs.detach().clone().requires_grad_(True)
     with preserved_modes(model), torch.enable_grad():
         model.eval()
-        value = loss(model(x), targets)
-        (grad,) = torch.autograd.grad(value, x)
+        grad = _input_gradient(model, x, targets, loss)
     adv = x.detach() + eps * grad.sign()
     return adv.clamp_(bounds[0], bounds[1]).to(inputs.dtype)
+
+
+FP16_FGSM_SCALE = 1024.0
+"""Under fp16 autocast the loss is multiplied by this and the batch size before the input's
+gradient is taken: a well-classified example's gradient underflowed to exactly 0 in fp16, so its
+sign, and its perturbation, were 0 (a third to a half of the rows of a trained CNN). The sign does
+not change with a positive scale; an overflow falls back to an fp32 forward and backward."""
+
+
+def _input_gradient(model, x, targets, loss) -> torch.Tensor:
+    device = x.device.type
+    fp16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    scale = FP16_FGSM_SCALE * len(x) if fp16 else 1.0
+    (grad,) = torch.autograd.grad(loss(model(x), targets) * scale, x)
+    if fp16 and not bool(torch.isfinite(grad).all()):  # sync point, fp16 only
+        with torch.autocast(device, enabled=False):
+            (grad,) = torch.autograd.grad(loss(model(x), targets), x)
+    return grad
 
 
 def _check_step(eps: float, bounds: tuple[float, float]) -> None:

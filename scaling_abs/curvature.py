@@ -691,8 +691,10 @@ class HessianOperator:
         return distributed.all_reduce_sum_(total) if self.reduce else total
 
     def release(self) -> None:
-        """Drop the kept graphs (their memory) now rather than when the operator goes away."""
+        """Drop the kept graphs (their memory) now rather than when the operator goes away; the
+        next product builds them again (``"fit"``: as many as fit then)."""
         self._graphs = None
+        self._keeping = True
 
 
 @contextlib.contextmanager

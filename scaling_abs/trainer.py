@@ -40,6 +40,7 @@ from scaling_abs.config import TrainConfig, dump_config, validate
 from scaling_abs.data import DataBundle, SeededAugmentation, build_dataset, collate_batch
 from scaling_abs.errors import UserError
 from scaling_abs.models import build_model, count_parameters, model_default_augmentation
+from scaling_abs.models.vision import hf_path
 from scaling_abs.report import read_records, read_summary
 from scaling_abs.schedules import build_schedule, checks_before_last_step
 
@@ -456,6 +457,7 @@ class Trainer:
             last = j == plan.accumulation - 1
             with acc.autocast():
                 if adv_fraction > 0 and cfg.adv_eps > 0:
+                    _sync(acc.device)  # FGSM's own time, not the queued work before it
                     t0 = time.perf_counter()
                     # FGSM on the unwrapped model: eval mode, no DDP hooks, grads untouched. The
                     # global batch's ceil(gamma * B) rows, spread over its micro-batches and ranks.
@@ -468,6 +470,7 @@ class Trainer:
                         global_batch=plan.global_batch,
                         offset=acc.process_index * plan.per_rank + j * plan.micro,
                     )
+                    _sync(acc.device)  # a GPU queues FGSM's work: the timer waits for it
                     self.state.adversarial_time_s += time.perf_counter() - t0
                 loss = F.cross_entropy(self.model(inputs), targets)
             total_loss += loss.detach()
@@ -545,7 +548,7 @@ class Trainer:
             rank=acc.process_index,
         )
         with torch.random.fork_rng(devices=[]):  # the CPU generator, where transforms draw
-            torch.default_generator.manual_seed(draw_seed * 65_537 + acc.process_index)
+            torch.default_generator.manual_seed((draw_seed * 65_537 + acc.process_index) % 2**63)
             return fetch_batches(self.data.train, idx, self._check_memory["micro"], acc.device)
 
     def _curvature_model(self) -> torch.nn.Module:
@@ -578,6 +581,7 @@ class Trainer:
             return None
         keeps_several = (  # "auto" with several micro-batches on CUDA keeps what fits ("fit")
             mem["reuse_graph"] == "auto"
+            and not mem["checkpoint"]  # checkpointed products keep no graph
             and self.cfg.hessian_samples > mem["micro"]
             and self.accelerator.device.type in curvature.MEASURED_DEVICES
         )
@@ -1066,7 +1070,7 @@ class Trainer:
             prefix = "model.net."
             state = {k[len(prefix) :]: v for k, v in ds_state.items() if k.startswith(prefix)}
         net.save_pretrained(target, state_dict=state)
-        source = self.cfg.model[3:]
+        source = hf_path(self.cfg.model[3:])
         try:
             from transformers import AutoImageProcessor
 
@@ -1150,6 +1154,11 @@ def _check_input_fits(model: torch.nn.Module, cfg: TrainConfig, data: DataBundle
         ) from None
     finally:
         model.train(was_training)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def hessian_seed(cfg: TrainConfig, check: int, seed: int | None = None) -> int:

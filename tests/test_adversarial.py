@@ -72,6 +72,36 @@ def test_fgsm_under_bf16_autocast():
     assert (delta > 0).float().mean() > 0.5
 
 
+def test_fgsm_under_fp16_autocast_perturbs_well_classified_examples():
+    """fp16 without loss scaling: a well-classified example's input gradient underflowed to 0, its
+    sign too, and the example stayed clean (a third to a half of a trained CNN's rows). The scaled
+    loss gives fp32's signs; an overflow of the scale falls back to fp32."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.4] * 8, [-1.4] * 8]))  # margin ~17: p(wrong) ~ 4e-8
+        model.bias.zero_()
+    x = torch.rand(16, 8) * 0.02 + 0.75
+    y = torch.zeros(16, dtype=torch.long)
+    clean = fgsm(model, x, y, 0.005)
+    assert (clean != x).all()  # fp32: every pixel moves
+    with torch.autocast("cpu", dtype=torch.float16):
+        (raw,) = torch.autograd.grad(F.cross_entropy(model(x.requires_grad_()), y), x)
+        assert (raw == 0).all()  # what an unscaled fp16 gradient gives here
+        x.requires_grad_(False)
+        torch.testing.assert_close(fgsm(model, x, y, 0.005), clean, rtol=0, atol=0)
+        big = nn.Linear(8, 2)
+        with torch.no_grad():
+            big.weight.copy_(torch.tensor([[6e4] * 8, [0.0] * 8]))  # the scaled gradient overflows
+            big.bias.zero_()
+        torch.testing.assert_close(fgsm(big, x, y.fill_(1), 0.005), fgsm_fp32(big, x, y), rtol=0, atol=0)
+
+
+def fgsm_fp32(model, x, y):
+    with torch.autocast("cpu", enabled=False):
+        return fgsm(model, x, y, 0.005)
+
+
 @pytest.mark.parametrize(
     "n, fraction, k", [(10, 0.2, 2), (128, 0.2, 26), (7, 0.0, 0), (7, 1.0, 7), (3, 0.01, 1)]
 )

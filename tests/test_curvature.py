@@ -306,7 +306,7 @@ def test_auto_on_a_measured_device_keeps_the_graphs_that_fit(monkeypatch, availa
     here a stand-in): the first product keeps each graph while twice its size and FIT_RESERVE of the
     device remain free after it; from the first that does not fit on, products are fresh. Every mix
     gives the dense Hessian's products, and later products the same as the first."""
-    readings = iter([r for a in availability for r in ((0, 0, 1000), (100, a, 1000))])
+    readings = iter([r for a in availability for r in ((0, 0, 1000), (100, a, 1000))] * 2)
     monkeypatch.setattr(curvature, "_device_memory", lambda device: next(readings))
     monkeypatch.setattr(curvature, "MEASURED_DEVICES", ("cpu",))
     model, (x, y) = tiny_mlp(), data(48)
@@ -320,9 +320,11 @@ def test_auto_on_a_measured_device_keeps_the_graphs_that_fit(monkeypatch, availa
     kept = sum(1 for _ in itertools.takewhile(lambda a: a >= 2 * 100 + 50, availability))
     assert op.kept_graphs == kept  # 2, 0 and 4 of the 4 micro-batches
     torch.testing.assert_close(first, hessian @ z, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(flat(op(unflat(z, params))), first, rtol=0, atol=0)  # no more readings
+    torch.testing.assert_close(flat(op(unflat(z, params))), first, rtol=0, atol=0)  # no new readings
     op.release()
     assert op.kept_graphs == 0
+    torch.testing.assert_close(flat(op(unflat(z, params))), first, rtol=1e-12, atol=1e-14)
+    assert op.kept_graphs == kept  # built again after release, as many as fit
 
 
 def test_reused_graph_under_bf16_is_close_to_fp32():

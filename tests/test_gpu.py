@@ -65,7 +65,8 @@ def test_every_fp32_hvp_path_matches_fp64(exact_fp32):
             op = HessianOperator(model, cross_entropy_loss, batches, params, reuse_graph=reuse)
             op(v)  # the kept graph is built at the first product
             assert rel(op(v), ref) < 1e-5, f"reuse_graph={reuse}"
-        assert op.reuse_graph == "fit" and op.kept_graphs == 4  # CUDA: the quarters' graphs fit
+        if DEVICE.type == "cuda":  # the quarters' graphs fit (elsewhere: fresh products)
+            assert op.reuse_graph == "fit" and op.kept_graphs == 4
 
 
 def test_checkpointed_hvp_takes_less_memory_than_a_fresh_one(exact_fp32):

@@ -74,7 +74,7 @@ def test_unknown_and_unavailable_models():
         build_model("hf:/no/such/model", num_classes=10, in_channels=3, image_size=32)
 
 
-def test_hf_checkpoint_loads_in_fp32_with_its_processor_s_normalisation(tmp_path, save_tiny_vit):
+def test_hf_checkpoint_loads_in_fp32_with_its_processor_s_normalisation(tmp_path, save_tiny_vit, monkeypatch):
     """An fp16 checkpoint trained fp16 weights with plain SGD, and the model's image processor
     (the normalisation its weights expect) was ignored for the data set's statistics."""
     transformers = save_tiny_vit(tmp_path / "vit", 3, torch.float16)
@@ -91,5 +91,8 @@ def test_hf_checkpoint_loads_in_fp32_with_its_processor_s_normalisation(tmp_path
     )
     assert model.mean.flatten().tolist() == pytest.approx([0.5] * 3)
     assert model.std.flatten().tolist() == pytest.approx([0.25] * 3)
+    monkeypatch.setenv("HOME", str(tmp_path))  # hf:~/vit: the same model, its processor too
+    model = build_model("hf:~/vit", num_classes=3, in_channels=3, image_size=8)
+    assert model.mean.flatten().tolist() == pytest.approx([0.5] * 3)
     with pytest.raises(UserError, match=r"^model: hf:/no/such/vit: no such directory$"):
         build_model("hf:/no/such/vit", num_classes=3, in_channels=3, image_size=8)

@@ -317,16 +317,32 @@ def test_a_check_that_runs_out_of_memory_retries_smaller(tmp_path, monkeypatch):
     assert "hessian_micro_batch_size" in "".join(getattr(info.value, "__notes__", []))
 
 
-def test_a_check_keeping_graphs_as_they_fit_that_runs_out_of_memory_builds_them_afresh(tmp_path, monkeypatch):
+AFRESH = "it builds each micro-batch's graph afresh (hessian_reuse_graph=false)"
+CHECKPOINTED = "its products are checkpointed (hessian_checkpoint=true)"
+
+
+@pytest.mark.parametrize(
+    "fits, ladder",
+    [
+        (lambda kw, batches: not (kw["reuse_graph"] == "auto" and len(batches) > 1), [AFRESH]),
+        (  # only checkpointed, in micro-batches of <= 8: "afresh" once (it came again after the
+            # checkpoint lever, which sets reuse_graph back to auto and keeps no graph)
+            lambda kw, batches: kw["checkpoint"] and max(len(b[1]) for b in batches) <= 8,
+            [AFRESH, CHECKPOINTED, "its micro-batches hold 8 samples (hessian_micro_batch_size=8)"],
+        ),
+    ],
+)
+def test_on_cuda_running_out_of_memory_gives_up_kept_graphs_first_and_once(
+    tmp_path, monkeypatch, fits, ladder
+):
     """On CUDA ``hessian_reuse_graph=auto`` keeps several micro-batches' graphs while the memory
     holds them; a check that still runs out of memory gives that up first (the CPU stands in)."""
     from scaling_abs import curvature
 
-    original, calls = curvature.top_eigenvalue, []
+    original = curvature.top_eigenvalue
 
     def tight(model, loss_fn, batches, **kw):
-        calls.append(kw["reuse_graph"])
-        if kw["reuse_graph"] == "auto" and len(batches) > 1:
+        if not fits(kw, batches):
             raise torch.OutOfMemoryError("simulated")
         return original(model, loss_fn, batches, **kw)
 
@@ -336,11 +352,16 @@ def test_a_check_keeping_graphs_as_they_fit_that_runs_out_of_memory_builds_them_
     with pytest.warns(UserWarning, match="ran out of memory"):
         run(tmp_path, "oom", **kw)
     checks = [r for r in read_metrics(tmp_path / "oom") if r["kind"] == "check"]
-    assert checks[0]["out_of_memory"] == [
-        "it builds each micro-batch's graph afresh (hessian_reuse_graph=false)"
-    ]
-    assert calls[:2] == ["auto", False] and set(calls[2:]) == {False}
-    assert not checks[0]["checkpoint"] and checks[0]["hessian_micro_batch_size"] == 16
+    assert checks[0]["out_of_memory"] == ladder
+    assert all(c["out_of_memory"] == [] for c in checks[1:])
+
+
+def test_the_largest_seed_runs_its_checks(tmp_path):
+    """The check's augmentation seed (draw seed x 65,537 + rank) passed 2**64 from seed 281,469,837 on."""
+    summary, _ = run(
+        tmp_path, "seed", seed=2**32 - 1, strategy="abs", hessian_every=256, augmentation="crop_flip"
+    )
+    assert summary["curvature_checks"] >= 1
 
 
 def _preempted_at(step: int, cfg, monkeypatch, signum=signal.SIGTERM) -> dict:
@@ -781,6 +802,28 @@ def test_deepspeed_zero2_trains_like_the_plain_run(tmp_path, ds_file, stage):
         zero2["deepspeed_zero_stage"] == stage and plain["deepspeed_zero_stage"] is None
     )  # really DeepSpeed
     assert_close(w_plain, load_file(str(out / "model.safetensors")), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_trains_absa(tmp_path):
+    """DeepSpeed's bf16 keeps the weights in bf16 with no autocast: the fp32 inputs met bf16 weights
+    ("mat1 and mat2 must have the same dtype") at the first forward, FGSM's or training's. The
+    model's input now follows its weights (the data and FGSM's perturbation stay fp32)."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "bf16"
+    out.mkdir()
+    overrides = {**BASE, "strategy": "absa", "hessian_every": 256, "mixed_precision": "bf16"}
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    config = {**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / "zero2.json")}
+    cmd = [sys.executable, str(ROOT / "tests" / "_dist_train_worker.py"), json.dumps(config), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["deepspeed_zero_stage"] == 2 and summary["adversarial_time_s"] > 0
+    assert math.isfinite(summary["final_train_loss"]) and summary["test_accuracy"] > 0.5
+    checks = [r for r in read_metrics(out) if r["kind"] == "check"]
+    assert checks and all(c["finite"] and c["precision"] == "bf16" for c in checks)
 
 
 @pytest.mark.slow

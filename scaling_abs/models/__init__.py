@@ -75,7 +75,14 @@ class Normalized(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(x))
+        x = self.normalize(x)
+        # DeepSpeed's bf16/fp16 keeps the weights in half precision without autocast: the inputs
+        # follow them here (as transformers' Trainer casts them), after the data and FGSM's
+        # perturbation, which stay fp32
+        p = next(self.model.parameters(), None)
+        if p is not None and p.dtype in (torch.bfloat16, torch.float16) and x.dtype == torch.float32:
+            x = x.to(p.dtype)
+        return self.model(x)
 
 
 def build_model(

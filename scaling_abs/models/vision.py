@@ -5,6 +5,7 @@ max-pool for a 3x3 stride-1 stem, as in the papers' CIFAR code."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -201,6 +202,11 @@ def vit_tiny(*, num_classes: int, in_channels: int, image_size: int) -> nn.Modul
     return _LogitsOnly(ViTForImageClassification(config))
 
 
+def hf_path(path: str) -> str:
+    """``hf:``'s name or path as transformers takes it: ``~`` expanded (transformers does not)."""
+    return os.path.expanduser(path)
+
+
 def hf_pretrained(path: str, *, num_classes: int) -> nn.Module:
     """``hf:<name or local path>``: pretrained weights that are already on disk (no hub access),
     in fp32 whatever the checkpoint stores (an fp16 checkpoint trained fp16 weights with plain
@@ -209,11 +215,11 @@ def hf_pretrained(path: str, *, num_classes: int) -> nn.Module:
         from transformers import AutoModelForImageClassification
     except ImportError:
         raise UserError("model: hf: models need transformers (pip install 'scaling-abs[hf]')") from None
-    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+    if path.startswith((".", "/", "~")) and not Path(hf_path(path)).is_dir():
         raise UserError(f"model: hf:{path}: no such directory")
     try:
         net = AutoModelForImageClassification.from_pretrained(
-            str(Path(path).expanduser()) if path.startswith("~") else path,
+            hf_path(path),
             num_labels=num_classes,
             ignore_mismatched_sizes=True,
             local_files_only=True,
@@ -230,7 +236,7 @@ def hf_normalization(path: str) -> tuple[list[float], list[float]] | None:
     try:
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(hf_path(path), local_files_only=True)
     except Exception:  # no processor saved with the model: the data set's statistics apply
         return None
     mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
