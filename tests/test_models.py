@@ -96,3 +96,24 @@ def test_hf_checkpoint_loads_in_fp32_with_its_processor_s_normalisation(tmp_path
     assert model.mean.flatten().tolist() == pytest.approx([0.5] * 3)
     with pytest.raises(UserError, match=r"^model: hf:/no/such/vit: no such directory$"):
         build_model("hf:/no/such/vit", num_classes=3, in_channels=3, image_size=8)
+
+
+def test_normalized_feeds_half_precision_weights_their_dtype():
+    """DeepSpeed's bf16 keeps the weights in bf16 without autocast: fp32 inputs met bf16 weights at
+    the first layer. The input follows the weights after the normalisation, and its gradient (FGSM's)
+    comes back in fp32; the checkpointed chain's first unit does the same."""
+    from scaling_abs._segmented import _Normalize
+
+    torch.manual_seed(0)
+    model = build_model("cnn", num_classes=10, in_channels=1, image_size=28, mean=[0.3], std=[0.4])
+    x = torch.rand(4, 1, 28, 28, requires_grad=True)
+    reference = model(x)
+    model.to(torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    (grad,) = torch.autograd.grad(out.float().sum(), x)
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+    assert _Normalize(model)(x).dtype == torch.bfloat16
+    model.float()
+    assert model.normalize(x).dtype == torch.float32  # fp32 weights: no cast (autocast's business)

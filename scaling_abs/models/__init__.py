@@ -70,19 +70,19 @@ class Normalized(nn.Module):
         )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mean is None:
-            return x
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(x)
-        # DeepSpeed's bf16/fp16 keeps the weights in half precision without autocast: the inputs
-        # follow them here (as transformers' Trainer casts them), after the data and FGSM's
-        # perturbation, which stay fp32
+        """``(x - mean) / std``, in the wrapped model's dtype where that is bf16/fp16: DeepSpeed's
+        bf16/fp16 keeps the weights in half precision without autocast, so the inputs follow them
+        here (as transformers' Trainer casts them), after the data and FGSM's perturbation, which
+        stay fp32. Checkpointed products call it as their first unit."""
+        if self.mean is not None:
+            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         p = next(self.model.parameters(), None)
         if p is not None and p.dtype in (torch.bfloat16, torch.float16) and x.dtype == torch.float32:
             x = x.to(p.dtype)
-        return self.model(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(x))
 
 
 def build_model(
