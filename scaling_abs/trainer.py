@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import json
 import math
@@ -283,6 +284,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         cfg = _launch_settings(cfg)
+        cache_lomo_check()
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1154,6 +1156,21 @@ def _check_input_fits(model: torch.nn.Module, cfg: TrainConfig, data: DataBundle
         ) from None
     finally:
         model.train(was_training)
+
+
+def cache_lomo_check() -> None:
+    """Accelerate's ``AcceleratedOptimizer.step`` asks ``is_lomo_available()`` twice a step, and its
+    ``backward`` path once more where LOMO is in use: each an uncached ``importlib`` search of
+    ``sys.path`` for the ``lomo_optim`` package (0.1-0.3 ms here). The answer cannot change during a
+    run, so Accelerate's own function is wrapped in a cache, in the modules that call it. Idempotent;
+    a later Accelerate without the function is left alone (``benchmarks/bench_trainer_overhead.py``)."""
+    import accelerate.accelerator
+    import accelerate.optimizer
+
+    for module in (accelerate.optimizer, accelerate.accelerator):
+        check = getattr(module, "is_lomo_available", None)
+        if callable(check) and not hasattr(check, "cache_info"):
+            module.is_lomo_available = functools.cache(check)
 
 
 def _sync(device: torch.device) -> None:

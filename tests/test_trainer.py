@@ -936,3 +936,19 @@ def test_an_hf_model_is_saved_for_from_pretrained(tmp_path, save_tiny_vit):
         torch.testing.assert_close(value, ours[f"model.net.{name}"], rtol=0, atol=0)
     processor = transformers.AutoImageProcessor.from_pretrained(out / "hf_model")
     assert list(processor.image_mean) == [0.5] * 3
+
+
+def test_accelerate_s_lomo_check_is_asked_once():
+    """Accelerate's optimizer step searched sys.path for lomo_optim twice a step; the trainer caches
+    its answer (which cannot change in a run), once, in the modules that ask."""
+    import accelerate.accelerator
+    import accelerate.optimizer
+
+    from scaling_abs.trainer import cache_lomo_check
+
+    cache_lomo_check()
+    cache_lomo_check()
+    for module in (accelerate.optimizer, accelerate.accelerator):
+        check = module.is_lomo_available
+        assert hasattr(check, "cache_info") and not hasattr(check.__wrapped__, "cache_info")
+        assert check() == check.__wrapped__()
