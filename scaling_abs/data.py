@@ -105,6 +105,15 @@ class TensorImageDataset(Dataset):
         return torch.stack([self[i][0] for i in indices]), self.targets[idx]
 
 
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int):
+    """Inside: the CPU generator (where transforms draw) seeded with ``seed``; the global random
+    state as it was afterwards."""
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds CUDA too
+        yield
+
+
 class SeededAugmentation(Dataset):
     """``dataset`` whose micro-batch fetch draws its random augmentation from the micro-batch's own
     seed (:class:`scaling_abs.batching.MicroBatch`), in whichever process fetches it, and leaves
@@ -125,8 +134,7 @@ class SeededAugmentation(Dataset):
         seed = getattr(indices, "seed", None)
         if seed is None:  # plain indices: the global generator, as without this wrapper
             return self._fetch(indices)
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only (transforms draw there)
-            torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds CUDA too
+        with seeded_cpu_rng(seed):
             return self._fetch(indices)
 
     def _fetch(self, indices: Sequence[int]) -> Any:

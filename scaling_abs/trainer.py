@@ -38,7 +38,7 @@ from scaling_abs import _malloc, _second_order, curvature, distributed, versions
 from scaling_abs.adversarial import mix_adversarial
 from scaling_abs.batching import MicroBatchSampler, Plan, SampleOrder, make_plan, small_micro_batches
 from scaling_abs.config import TrainConfig, dump_config, validate
-from scaling_abs.data import DataBundle, SeededAugmentation, build_dataset, collate_batch
+from scaling_abs.data import DataBundle, SeededAugmentation, build_dataset, collate_batch, seeded_cpu_rng
 from scaling_abs.errors import UserError
 from scaling_abs.models import build_model, count_parameters, model_default_augmentation
 from scaling_abs.models.vision import hf_path
@@ -549,8 +549,7 @@ class Trainer:
             world=acc.num_processes,
             rank=acc.process_index,
         )
-        with torch.random.fork_rng(devices=[]):  # the CPU generator, where transforms draw
-            torch.default_generator.manual_seed((draw_seed * 65_537 + acc.process_index) % 2**63)
+        with seeded_cpu_rng((draw_seed * 65_537 + acc.process_index) % 2**63):
             return fetch_batches(self.data.train, idx, self._check_memory["micro"], acc.device)
 
     def _curvature_model(self) -> torch.nn.Module:
