@@ -321,7 +321,8 @@ class Trainer:
         self.malloc_tuned = cfg.cpu_malloc and acc.device.type == "cpu" and _malloc.tune()
         torch.manual_seed(cfg.seed)
 
-        self.data, self.model = build_data_and_model(cfg)
+        with _built_whole(acc):
+            self.data, self.model = build_data_and_model(cfg)
         if cfg.channels_last:  # before the ZeRO-3 blueprint and prepare: every copy has the layout
             self.model = self.model.to(memory_format=torch.channels_last)
         self.num_params = count_parameters(self.model)
@@ -1090,6 +1091,29 @@ class Trainer:
             self._lock = None
         self.accelerator.free_memory()
         gc.collect()
+
+
+@contextlib.contextmanager
+def _built_whole(accelerator):
+    """Models are built whole and plain; under ZeRO-3 Accelerate's ``prepare`` partitions them,
+    after the trainer has taken its blueprint for the checks. But Accelerate registers its ZeRO-3
+    config with transformers as soon as the Accelerator exists (even with ``zero3_init_flag``
+    false), and ``from_pretrained`` then builds an ``hf:`` model already partitioned
+    (``deepspeed.zero.Init``): the classifier head, resized to the data set's classes, failed with a
+    size mismatch, and the blueprint would have held empty weights. The registration is lifted while
+    the model is built and put back after."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    registered = getattr(plugin, "dschf", None)
+    if registered is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)
 
 
 @contextlib.contextmanager

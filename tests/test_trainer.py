@@ -708,6 +708,19 @@ def test_deepspeed_settings_that_would_change_the_run_are_refused(tmp_path, sett
 
 
 @pytest.mark.slow
+def one_deepspeed_process(out: Path, overrides: dict) -> None:
+    """``_dist_train_worker.py`` as one plain process, writing into ``out``: no launcher and none of
+    RANK, WORLD_SIZE, MASTER_*, so the trainer gives DeepSpeed a one-process group on the loopback
+    address (it looked for MPI, and failed)."""
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    config = {**overrides, "output_dir": str(out)}
+    cmd = [sys.executable, str(ROOT / "tests" / "_dist_train_worker.py"), json.dumps(config), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def two_processes(out: Path, overrides: dict) -> None:
     """``_dist_train_worker.py`` under torchrun with 2 processes, writing into ``out``."""
     out.mkdir()
@@ -778,19 +791,7 @@ def test_deepspeed_zero2_trains_like_the_plain_run(tmp_path, ds_file, stage):
     overrides = {**BASE, "strategy": "abs", "hessian_every": 128, "kappa": 1, "micro_batch_size": 512}
     plain, w_plain = run(tmp_path, "plain", **overrides)
     out = tmp_path / "zero2"
-    out.mkdir()
-    # no launcher and none of RANK, WORLD_SIZE, MASTER_*: the trainer gives DeepSpeed a one-process
-    # group on the loopback address (it looked for MPI, and failed)
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable,
-        str(ROOT / "tests" / "_dist_train_worker.py"),
-        json.dumps({**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / ds_file)}),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one_deepspeed_process(out, {**overrides, "deepspeed": str(ROOT / "ds_configs" / ds_file)})
     zero2 = json.loads((out / "summary.json").read_text())
     assert (zero2["updates"], zero2["samples"], zero2["max_batch_size"]) == (
         plain["updates"],
@@ -811,14 +812,8 @@ def test_deepspeed_bf16_trains_absa(tmp_path):
     model's input now follows its weights (the data and FGSM's perturbation stay fp32)."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "bf16"
-    out.mkdir()
     overrides = {**BASE, "strategy": "absa", "hessian_every": 256, "mixed_precision": "bf16"}
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    config = {**overrides, "output_dir": str(out), "deepspeed": str(ROOT / "ds_configs" / "zero2.json")}
-    cmd = [sys.executable, str(ROOT / "tests" / "_dist_train_worker.py"), json.dumps(config), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one_deepspeed_process(out, {**overrides, "deepspeed": str(ROOT / "ds_configs" / "zero2.json")})
     summary = json.loads((out / "summary.json").read_text())
     assert summary["deepspeed_zero_stage"] == 2 and summary["adversarial_time_s"] > 0
     assert math.isfinite(summary["final_train_loss"]) and summary["test_accuracy"] > 0.5
@@ -894,9 +889,9 @@ def test_a_resumed_run_drops_tensorboard_events_past_its_checkpoint(tmp_path, mo
     assert steps == sorted(set(steps))
 
 
-def test_an_hf_model_is_saved_for_from_pretrained(tmp_path, save_tiny_vit):
-    """An hf: run also writes output_dir/hf_model: transformers loads it with the data set's class
-    names and the trained weights (model.safetensors has them under our wrappers' names)."""
+def _hf_model_and_images(tmp_path: Path, save_tiny_vit):
+    """A saved 2-class ViT with its processor (``tmp_path/vit``) and a saved 3-class image set
+    (``tmp_path/set``: 32 images of 3x8x8): the run's config keys for them, and transformers."""
     transformers = save_tiny_vit(tmp_path / "vit", 2)
     datasets = pytest.importorskip("datasets")
     transformers.ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
@@ -914,21 +909,22 @@ def test_an_hf_model_is_saved_for_from_pretrained(tmp_path, save_tiny_vit):
         {"image": images, "label": [i % 3 for i in range(32)]}, features=features
     )
     datasets.DatasetDict({"train": split, "test": split.select(range(8))}).save_to_disk(str(tmp_path / "set"))
+    keys = {
+        "model": f"hf:{tmp_path / 'vit'}",
+        "dataset": "hf:set",
+        "data_dir": str(tmp_path / "set"),
+        "limit_train_samples": 0,
+        "hessian_samples": 16,
+    }
+    return keys, transformers
+
+
+def test_an_hf_model_is_saved_for_from_pretrained(tmp_path, save_tiny_vit):
+    """An hf: run also writes output_dir/hf_model: transformers loads it with the data set's class
+    names and the trained weights (model.safetensors has them under our wrappers' names)."""
+    keys, transformers = _hf_model_and_images(tmp_path, save_tiny_vit)
     out = tmp_path / "run"
-    train(
-        load_config(
-            None,
-            {
-                **BASE,
-                "model": f"hf:{tmp_path / 'vit'}",
-                "dataset": "hf:set",
-                "data_dir": str(tmp_path / "set"),
-                "limit_train_samples": 0,
-                "hessian_samples": 16,
-                "output_dir": str(out),
-            },
-        )
-    )
+    train(load_config(None, {**BASE, **keys, "output_dir": str(out)}))
     loaded = transformers.ViTForImageClassification.from_pretrained(out / "hf_model")
     assert loaded.config.id2label == {0: "ant", 1: "bee", 2: "cat"} and loaded.config.num_labels == 3
     ours = load_file(str(out / "model.safetensors"))
@@ -936,6 +932,39 @@ def test_an_hf_model_is_saved_for_from_pretrained(tmp_path, save_tiny_vit):
         torch.testing.assert_close(value, ours[f"model.net.{name}"], rtol=0, atol=0)
     processor = transformers.AutoImageProcessor.from_pretrained(out / "hf_model")
     assert list(processor.image_mean) == [0.5] * 3
+
+
+@pytest.mark.slow
+def test_an_hf_model_trains_under_deepspeed_zero3(tmp_path, save_tiny_vit):
+    """Accelerate registers its ZeRO-3 config with transformers as soon as the Accelerator exists,
+    and from_pretrained then built the model partitioned: the head resized to the data set's 3
+    classes failed ("size mismatch for classifier.weight"). Built whole, the ZeRO-3 run starts from
+    the pretrained weights and trains as the plain run does, and hf_model holds the gathered weights."""
+    pytest.importorskip("deepspeed")
+    keys, transformers = _hf_model_and_images(tmp_path, save_tiny_vit)
+    overrides = {
+        **BASE,
+        **keys,
+        "strategy": "absa",
+        "epochs": 2,
+        "hessian_every": 16,
+        "batch_size": 8,
+        "micro_batch_size": 8,
+    }
+    plain, w_plain = run(tmp_path, "plain", **overrides)
+    out = tmp_path / "zero3"
+    one_deepspeed_process(out, {**overrides, "deepspeed": str(ROOT / "ds_configs" / "zero3.json")})
+    zero3 = json.loads((out / "summary.json").read_text())
+    assert zero3["deepspeed_zero_stage"] == 3
+    assert (zero3["updates"], zero3["samples"]) == (plain["updates"], plain["samples"])
+    eig_plain = [r["eigenvalue"] for r in read_metrics(tmp_path / "plain") if r["kind"] == "check"]
+    eig_zero3 = [r["eigenvalue"] for r in read_metrics(out) if r["kind"] == "check"]
+    assert len(eig_plain) == len(eig_zero3) > 1
+    torch.testing.assert_close(torch.tensor(eig_zero3), torch.tensor(eig_plain), rtol=1e-4, atol=0.0)
+    assert_close(w_plain, load_file(str(out / "model.safetensors")), rtol=1e-4)
+    loaded = transformers.ViTForImageClassification.from_pretrained(out / "hf_model")
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, w_plain[f"model.net.{name}"], rtol=1e-4, atol=1e-6)
 
 
 def test_accelerate_s_lomo_check_is_asked_once():
