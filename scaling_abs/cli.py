@@ -110,7 +110,8 @@ COMMANDS = {
 
 def _one_line_warnings() -> None:
     """Our own warnings as ``scaling-abs: warning: ...`` (one line, no source line); other
-    libraries' keep Python's format, with the file that raised them."""
+    libraries' keep Python's format, with the file that raised them. All are written above the
+    progress bar, not onto its line."""
     package = Path(__file__).resolve().parent
     default = warnings.formatwarning
     if getattr(default, "scaling_abs", False):  # installed already (main called again in-process)
@@ -121,8 +122,17 @@ def _one_line_warnings() -> None:
             return f"scaling-abs: warning: {message}\n"
         return default(message, category, filename, lineno, line)
 
+    def show(message, category, filename, lineno, file=None, line=None):
+        # through tqdm: a progress bar on the terminal is cleared, the warning gets a line of its
+        # own, and the bar is drawn again below it (without a bar, a plain write)
+        from tqdm import tqdm
+
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        tqdm.write(text.rstrip("\n"), file=file or sys.stderr)
+
     fmt.scaling_abs = True
     warnings.formatwarning = fmt
+    warnings.showwarning = show
 
 
 def format_versions(found: dict[str, str | None]) -> str:

@@ -438,7 +438,8 @@ class Trainer:
             else:
                 # resumed: TensorBoard drops what the old event files hold past the checkpoint (a
                 # run killed after it logged further), as metrics.jsonl's records are dropped above
-                purge = self.state.samples + 1 if self.state.samples else None
+                # (a run killed before its first checkpoint starts again at 0: everything goes)
+                purge = self.state.samples + 1 if self.state.samples else 0
                 self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=purge)
 
     # -- one optimizer step ----------------------------------------------------------------
@@ -510,7 +511,7 @@ class Trainer:
 
     def _set_plan(self, plan: Plan) -> None:
         slow = small_micro_batches(plan, self.cfg.micro_batch_size)
-        if slow:  # once per plan: this runs when the plan changes (and at the start)
+        if slow and self.accelerator.is_main_process:  # once per plan and run: at the start and changes
             _warn(slow)
         engine = self.engine
         if engine is not None and (engine.train_micro_batch_size_per_gpu(), engine.train_batch_size()) != (
@@ -914,6 +915,7 @@ class Trainer:
                 unit="sample",
                 unit_scale=True,
                 dynamic_ncols=True,
+                postfix={"epoch": f"{self.epoch:.2f}"},  # a resumed run's bar starts past 0
             )
         start = time.perf_counter() - state.wall_time_s
         interrupted = False
@@ -946,8 +948,7 @@ class Trainer:
                         "step_time_s": time.perf_counter() - t0,
                     }
                 )
-                if bar is not None:
-                    bar.update(min(plan.global_batch, self.total_samples - bar.n))
+                if bar is not None:  # the postfix first: update draws the bar with it
                     bar.set_postfix(
                         epoch=f"{self.epoch:.2f}",
                         batch=plan.global_batch,
@@ -955,6 +956,7 @@ class Trainer:
                         loss=f"{loss:.4f}",
                         refresh=False,
                     )
+                    bar.update(min(plan.global_batch, self.total_samples - bar.n))
                 if state.samples >= state.next_check:
                     state.next_check += self.check_every * (
                         1 + (state.samples - state.next_check) // self.check_every

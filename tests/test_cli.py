@@ -11,14 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "scaling_abs", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **(env or {})},
     )
 
 
@@ -136,6 +136,20 @@ def test_our_warnings_are_one_line_on_the_command_line(tmp_path):
         "batch_size=127", "max_batch_size=127", "micro_batch_size=64",
     )  # fmt: skip
     assert len(ours) == 1 and ours[0].startswith("scaling-abs: warning: batch 127 runs as 127")
+
+
+def test_a_warning_during_the_progress_bar_gets_a_line_of_its_own(tmp_path):
+    """The batch's warning comes once the bar is drawn: it was written onto the bar's line."""
+    proc = cli(
+        "train", "model=mlp", "strategy=bl", "limit_train_samples=254", "epochs=1", "batch_size=127",
+        "max_batch_size=127", "micro_batch_size=64", "progress=true", f"output_dir={tmp_path / 'run'}",
+        env={"TQDM_MININTERVAL": "0"},  # every update drawn
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sample/s" in proc.stderr  # the bar was there
+    lines = [line for line in proc.stderr.split("\n") if "micro-batches of 1" in line]
+    # what the terminal shows of that line: the text after its last carriage return
+    assert len(lines) == 1 and lines[0].split("\r")[-1].startswith("scaling-abs: warning: batch 127")
 
 
 def test_a_run_too_short_for_kappa_says_so_in_one_line(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -887,6 +888,47 @@ def test_a_resumed_run_drops_tensorboard_events_past_its_checkpoint(tmp_path, mo
     assert all(e.value >= 0 for e in losses)  # the ghost is gone
     steps = [e.step for e in losses]
     assert steps == sorted(set(steps))
+
+
+def test_a_restart_before_any_checkpoint_drops_the_killed_run_s_tensorboard_events(tmp_path):
+    """A run killed before its first checkpoint starts again from 0: metrics.jsonl's records went,
+    its TensorBoard points stayed (every step plotted twice)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = tmp_path / "run"
+    ghost = SummaryWriter(str(out / "tensorboard"))  # as kill -9 leaves it: events, no checkpoint
+    for samples in (64, 128, 192):
+        ghost.add_scalar("step/loss", -1.0, samples)
+    ghost.close()
+    train(load_config(None, {**BASE, "tensorboard": True, "output_dir": str(out), "resume": "auto"}))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("step/loss")
+    assert losses and all(e.value >= 0 for e in losses)
+    assert [e.step for e in losses] == sorted({e.step for e in losses})
+
+
+def test_the_progress_bar_shows_the_step_it_counts(tmp_path, capsys, monkeypatch):
+    """Each drawing of the bar shows the epoch, batch, lr and loss of the step its counter has just
+    counted; they were the step before's (set after the counter's update had drawn)."""
+    import tqdm.auto
+
+    class EveryUpdate(tqdm.auto.tqdm):  # draws at every update
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, mininterval=0, miniters=1, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", EveryUpdate)
+    out = tmp_path / "run"
+    overrides = {**BASE, "progress": True, "epochs": 1, "strategy": "bl", "output_dir": str(out)}
+    train(load_config(None, overrides))
+    drawn = [
+        (float(m[1]), float(m[2]))
+        for m in re.finditer(r"\| ([0-9.]+)/1\.02k \[[^\]]*epoch=([0-9.]+)", capsys.readouterr().err)
+    ]
+    assert {n for n, _ in drawn} == set(range(0, 1024, 64))  # the start and each step (the last: 1.02k)
+    assert all(abs(epoch - n / 1024) < 0.006 for n, epoch in drawn), drawn
 
 
 def _hf_model_and_images(tmp_path: Path, save_tiny_vit):
