@@ -253,6 +253,8 @@ def main(argv: list[str]) -> int:
         for c in cells:
             print(shlex.join(commands[c.name]))
         return 0
+    if args.report_only and not any(_finished(out / c.name) for c in cells):
+        raise UserError(f"--report-only: no finished runs under {out}")  # and nothing written there
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         todo = []

@@ -113,6 +113,10 @@ def load_run(path: str | Path) -> Run:
         raise UserError(
             f"run: {path / 'summary.json'} lacks {', '.join(missing)} (not written by scaling-abs train)"
         )
+    wrong = [k for k in SUMMARY_KEYS if not _summary_value_ok(k, summary[k])]
+    if wrong:
+        shown = ", ".join(f"{k} is {json.dumps(summary[k])}" for k in wrong)
+        raise UserError(f"run: {path / 'summary.json'}: {shown} (not written by scaling-abs train)")
     config: Any = {}
     if (path / "config.yaml").exists():
         try:
@@ -131,10 +135,47 @@ def load_run(path: str | Path) -> Run:
         if records.exists():
             if not records.is_file():
                 raise UserError(f"run: {records} is not a file")
+            lists = {"step": run.steps, "check": run.checks, "eval": run.evals}
+            unusable = 0
             for r in read_records(records):
-                {"step": run.steps, "check": run.checks, "eval": run.evals}.get(r.get("kind"), []).append(r)
+                kind = r.get("kind")
+                if kind not in lists:
+                    continue
+                if all(_is_number(r.get(k)) for k in RECORD_FIELDS[kind]):
+                    lists[kind].append(r)
+                else:
+                    unusable += 1
+            if unusable:
+                fields = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in RECORD_FIELDS.items())
+                warnings.warn(
+                    f"{records}: skipped {unusable} record(s) without the numbers the figures read ({fields})",
+                    stacklevel=2,
+                )
             break
     return run
+
+
+# what the figures read of each kind of record (a check's eigenvalue may be non-finite or absent:
+# plot_eigenvalues counts those)
+RECORD_FIELDS = {
+    "step": ("epoch", "batch_size", "lr", "loss"),
+    "check": ("epoch",),
+    "eval": ("epoch", "test_accuracy"),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _summary_value_ok(key: str, value: Any) -> bool:
+    """The tables' summary fields: counts are integers, times numbers, the accuracy a number or
+    null (a run stopped before its first evaluation)."""
+    if key in ("updates", "max_batch_size"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if key == "test_accuracy" and value is None:
+        return True
+    return _is_number(value)
 
 
 def summary_table(runs: list[Run]) -> str:

@@ -67,6 +67,13 @@ def test_user_errors_are_one_line_exit_2(args, key, capsys):
     assert err.count("\n") == 0 and key in err
 
 
+def test_report_only_with_nothing_finished_is_one_line_and_writes_nothing(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    assert cli_main(["compare", "--report-only", "--out", str(empty)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--report-only: no finished runs under {empty}")
+    assert not empty.exists()  # it made the folder and commands.txt first
+
+
 @pytest.mark.slow
 def test_a_tiny_grid_end_to_end_and_rerun_skips_finished_runs(tmp_path):
     out = tmp_path / "grid"

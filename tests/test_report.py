@@ -131,6 +131,33 @@ def test_a_damaged_summary_is_one_line(tmp_path, content):
         simulate_main([f"run_dir={run}"])
 
 
+@pytest.mark.parametrize(
+    "key, value, shown",
+    [("updates", None, "updates is null"), ("wall_time_s", "long", 'wall_time_s is "long"'),
+     ("max_batch_size", 1.5, "max_batch_size is 1.5")],
+)  # fmt: skip
+def test_a_summary_with_a_wrong_value_is_one_line(tmp_path, key, value, shown):
+    """JSON that parses, with a field of the wrong type: a TypeError from the table's formatting."""
+    run = fake_run(tmp_path, "a", "bl", 128, 128, 0.9, 100)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, key: value}))
+    with pytest.raises(UserError, match=f"^run: .*summary.json: {shown} "):
+        load_run(run)
+
+
+def test_records_without_what_the_figures_read_are_skipped(tmp_path):
+    """A step record without its epoch was a KeyError in the schedule figure."""
+    run = fake_run(tmp_path, "a", "absa", 128, 1024, 0.9, 100)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "step", "batch_size": 128, "lr": 0.1, "loss": 0.5}) + "\n")
+        f.write(json.dumps({"kind": "eval", "epoch": 2.0, "test_accuracy": None}) + "\n")
+    with pytest.warns(UserWarning, match="skipped 2 record"):
+        loaded = load_run(run)
+    assert (len(loaded.steps), len(loaded.evals), len(loaded.checks)) == (8, 1, 1)
+    with pytest.warns(UserWarning, match="skipped 2 record"):
+        assert main([str(run), "--out", str(tmp_path / "report")]) == 0
+
+
 def test_an_interrupted_run_is_marked_in_the_table(tmp_path):
     run = fake_run(tmp_path, "a", "absa", 128, 1024, 0.9, 100)
     summary = json.loads((run / "summary.json").read_text())
