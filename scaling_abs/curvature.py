@@ -88,14 +88,26 @@ def last_layers(model: nn.Module, n: int) -> list[nn.Parameter]:
     normalization layer (BatchNorm, LayerNorm, GroupNorm, in ``model.modules()`` order); the
     normalization layers after the first of the ``n`` belong to them (ResNet-18's ``last:2``: its
     last convolution, that convolution's BatchNorm and the classifier). A model of normalization
-    layers only counts those."""
+    layers only counts those. ``n`` beyond the model's :func:`layer_count`: every layer (the
+    trainer refuses that as a setting: the block would be the whole model under a block's name)."""
     if n < 1:
         raise ValueError(f"last_layers: n must be >= 1, got {n}")
-    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    layers = [i for i, m in enumerate(owners) if not isinstance(m, NORMALIZATION)] or list(range(len(owners)))
+    owners, layers = _layers(model)
     first = layers[-n] if n <= len(layers) else 0
     params = [p for m in owners[first:] for p in m.parameters(recurse=False) if p.requires_grad]
     return list({id(p): p for p in params}.values())  # a weight tied between two of them, once
+
+
+def _layers(model: nn.Module) -> tuple[list[nn.Module], list[int]]:
+    """The modules that own parameters, and the places among them of the layers that count."""
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    layers = [i for i, m in enumerate(owners) if not isinstance(m, NORMALIZATION)] or list(range(len(owners)))
+    return owners, layers
+
+
+def layer_count(model: nn.Module) -> int:
+    """How many layers :func:`last_layers` counts in ``model`` (``last:N`` takes N of them)."""
+    return len(_layers(model)[1])
 
 
 def parse_block(spec: str) -> int | None:

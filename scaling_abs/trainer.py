@@ -331,6 +331,12 @@ class Trainer:
                 f"hessian_checkpoint: model {cfg.model} cannot be split into pieces (known: the zoo's models, "
                 "nn.Sequential, torchvision ResNet / AlexNet, transformers ViT, or a hessian_units() method)"
             )
+        block = curvature.parse_block(cfg.hessian_block)  # the config checked its form
+        if block is not None and block > (layers := curvature.layer_count(self.model)):
+            raise UserError(
+                f"hessian_block: last:{block}, but model {cfg.model} has {layers} layers with parameters "
+                f"(last:1 to last:{layers}, or all for the whole Hessian)"
+            )
         self._chain_plans: dict = {}  # every check's chain plans here (ZeRO-3 checks a new copy each time)
         # the checks' autocast: training's unless hessian_precision says otherwise
         self.check_precision = (

@@ -283,6 +283,20 @@ def test_checkpointed_checks_need_a_model_with_a_chain(tmp_path, monkeypatch):
         run(tmp_path, "mlp", hessian_checkpoint=True)
 
 
+def test_a_block_of_more_layers_than_the_model_has_is_refused(tmp_path):
+    """last:99 on a 3-layer MLP was the whole Hessian, recorded as the block last:99."""
+    from scaling_abs import curvature
+    from scaling_abs.trainer import build_data_and_model
+
+    layers = curvature.layer_count(build_data_and_model(load_config(None, BASE))[1])
+    with pytest.raises(
+        UserError, match=rf"^hessian_block: last:{layers + 1}, but model mlp has {layers} layers"
+    ):
+        run(tmp_path, "mlp", hessian_block=f"last:{layers + 1}")
+    summary, _ = run(tmp_path, "fits", hessian_block=f"last:{layers}", strategy="abs", hessian_every=128)
+    assert summary["curvature_checks"] > 0
+
+
 def test_a_check_that_runs_out_of_memory_retries_smaller(tmp_path, monkeypatch):
     from scaling_abs import curvature
 
