@@ -1,9 +1,9 @@
-"""Three ways past the convolution floor of ``probe_conv_floor.py``, tried on ResNet-18's shapes.
+"""Five ways past the convolution floor of ``probe_conv_floor.py``, tried on ResNet-18's shapes.
 
 An exact product makes six convolutions per layer, in pairs whose results are added: the output's
 tangent ``conv(dx, W) + conv(x, V)``, the input gradient's ``A(dg, W) + A(g, V)`` and the weight
 gradient's ``B(dg, x) + B(g, dx)``. ``probe_conv_floor.py`` found ours already spends 0.62x classic's
-time in those calls alone, so 0.5x needs faster kernels or fewer multiply-adds. Three candidates:
+time in those calls alone, so 0.5x needs faster kernels or fewer multiply-adds. Five candidates:
 
 * Winograd: NNPACK (built into PyTorch's CPU wheels, ``torch._nnpack_spatial_convolution``) computes a
   stride-1 3x3 convolution with fewer multiplies than the direct method oneDNN uses. Compared with
@@ -13,6 +13,11 @@ time in those calls alone, so 0.5x needs faster kernels or fewer multiply-adds. 
   concatenated channels (``conv(cat(dx, x), cat(W, V))``) and the weight-gradient pair over
   concatenated images. Bigger calls may run closer to the machine's peak; the concatenations cost
   copies. Timed with the copies and without (inputs concatenated beforehand).
+* Pairs at once: the two calls of a pair are independent, so they can run at the same time, each
+  on one of the two cores (two worker threads with one intra-op thread each), instead of one after
+  the other with two threads each. Small maps may use two threads poorly.
+* Weight gradients as nine shifted matrix products (:func:`shifted_weight_grad`): no im2col copies,
+  at the price of the padded grid's extra rows.
 * Weight gradients as matrix products: oneDNN's weight-gradient kernel runs well below its forward
   kernel's rate on small feature maps (ResNet-18's 512 channels on 4x4 maps: 29 against 69 G
   multiply-adds a second in a product). :func:`matmul_weight_grad` computes it as one matrix
@@ -22,7 +27,7 @@ time in those calls alone, so 0.5x needs faster kernels or fewer multiply-adds. 
   ``--max-positions`` output positions sent to the matrix product, alternating with the rules as
   they are.
 
-The first two on ResNet-18's (CIFAR) stride-1 3x3 convolutions at 128 images, channels-last unless
+The first four on ResNet-18's (CIFAR) stride-1 3x3 convolutions at 128 images, channels-last unless
 said, fp32. Rounds alternate between the timings of a shape; medians over rounds after a warm-up
 round. The glibc setting the trainer uses on a CPU (``cpu_malloc``) is on.
 
@@ -39,6 +44,8 @@ import contextlib
 import platform
 import statistics
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -70,11 +77,38 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conf=PADDED_
     )[1]
 
 
+def _one_thread_workers(count: int = 2) -> ThreadPoolExecutor:
+    """``count`` worker threads that run PyTorch's kernels with one intra-op thread each, while the
+    calling thread keeps its thread count. PyTorch keeps one process-wide count that each thread
+    reads into its own (OpenMP's) at its first parallel call: a worker sets it to 1 and reads it at
+    once, and the caller sets it back once every worker has."""
+    threads = torch.get_num_threads()
+    started = threading.Barrier(count)
+
+    def one_thread() -> None:
+        torch.set_num_threads(1)
+        torch.get_num_threads()  # this thread's first read: its own count is 1 from now on
+
+    pool = ThreadPoolExecutor(count, initializer=one_thread)
+    for future in [pool.submit(started.wait) for _ in range(count)]:
+        future.result()
+    torch.set_num_threads(threads)
+    workers = [f.result() for f in [pool.submit(torch.get_num_threads) for _ in range(count)]]
+    assert workers == [1] * count and torch.get_num_threads() == threads, (workers, threads)
+    return pool
+
+
+def _at_once(pool: ThreadPoolExecutor, first, second) -> torch.Tensor:
+    """``first() + second()``, the two run at the same time on ``pool``'s workers."""
+    a, b = pool.submit(first), pool.submit(second)
+    return a.result() + b.result()
+
+
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def _cases(batch: int, channels: int, size: int) -> tuple[dict, dict]:
+def _cases(batch: int, channels: int, size: int, pool: ThreadPoolExecutor) -> tuple[dict, dict]:
     """The timed calls of one shape, by name, and the relative error of each single convolution."""
     torch.manual_seed(0)
     x, dx = (torch.randn(batch, channels, size, size).contiguous(memory_format=CL) for _ in range(2))
@@ -97,7 +131,15 @@ def _cases(batch: int, channels: int, size: int) -> tuple[dict, dict]:
             torch.cat([dx, x], 1), torch.cat([w, v], 1), None, 1, 1
         ),
         "forward pair, merged, copies made before": lambda: F.conv2d(xx, ww, None, 1, 1),
+        "forward pair, the two at once on one core each": lambda: _at_once(
+            pool, lambda: F.conv2d(dx, w, None, 1, 1), lambda: F.conv2d(x, v, None, 1, 1)
+        ),
+        "weight gradient, oneDNN (ours)": lambda: _weight_grad(g, x, w),
+        "weight gradient, nine shifted matrix products": lambda: shifted_weight_grad(g, x),
         "weight-gradient pair, two calls (ours)": lambda: _weight_grad(dg, x, w) + _weight_grad(g, dx, w),
+        "weight-gradient pair, the two at once on one core each": lambda: _at_once(
+            pool, lambda: _weight_grad(dg, x, w), lambda: _weight_grad(g, dx, w)
+        ),
         "weight-gradient pair, merged, with the copies": lambda: _weight_grad(
             torch.cat([dg, g]), torch.cat([x, dx]), w
         ),
@@ -109,15 +151,47 @@ def _cases(batch: int, channels: int, size: int) -> tuple[dict, dict]:
         "conv, channels-last (ours)": _relative_error(cases["conv, channels-last (ours)"](), ref),
         "conv, NNPACK Winograd (NCHW)": _relative_error(cases["conv, NNPACK Winograd (NCHW)"](), ref),
     }
+    wref = _weight_grad(g.double(), x.double(), w.double())
+    for name in ("weight gradient, oneDNN (ours)", "weight gradient, nine shifted matrix products"):
+        errors[name] = _relative_error(cases[name](), wref)
     pair = cases["forward pair, two calls (ours)"]().double()
     errors["forward pair, merged, copies made before"] = _relative_error(
         cases["forward pair, merged, copies made before"](), pair
     )
+    errors["forward pair, the two at once on one core each"] = _relative_error(
+        cases["forward pair, the two at once on one core each"](), pair
+    )
     wpair = cases["weight-gradient pair, two calls (ours)"]().double()
+    errors["weight-gradient pair, the two at once on one core each"] = _relative_error(
+        cases["weight-gradient pair, the two at once on one core each"](), wpair
+    )
     errors["weight-gradient pair, merged, copies made before"] = _relative_error(
         cases["weight-gradient pair, merged, copies made before"](), wpair
     )
     return cases, errors
+
+
+def shifted_weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``dL/dW`` of a stride-1 3x3 ``conv(x, W)`` with padding 1 as nine matrix products without
+    im2col's copies: with ``x`` zero-padded and flattened channels-last over the padded grid, and
+    ``g`` laid on that grid (zeros outside its maps), each kernel offset's input rows are one
+    contiguous slice, ``W[:, :, i, j] = g_grid^T x_flat[offset:offset + rows]``. The price: the
+    rows of the padded grid, (h + 2)(w + 2) against h w a map (2.25x at 4x4, 1.13x at 32x32)."""
+    n, c_out, h, w = g.shape
+    c_in = x.shape[1]
+    width = w + 2
+    rows = n * (h + 2) * width
+    x_flat = x.new_zeros(rows + 2 * width + 2, c_in)  # the tail: the last offsets' slices
+    x_flat[:rows].view(n, h + 2, width, c_in)[:, 1 : h + 1, 1 : w + 1] = x.permute(0, 2, 3, 1)
+    g_grid = g.new_zeros(n, h + 2, width, c_out)
+    g_grid[:, :h, :w] = g.permute(0, 2, 3, 1)
+    g_t = g_grid.view(rows, c_out).t()
+    out = x.new_empty(c_out, 3, 3, c_in)
+    for i in range(3):
+        for j in range(3):
+            offset = i * width + j
+            torch.mm(g_t, x_flat[offset : offset + rows], out=out[:, i, j])
+    return out.permute(0, 3, 1, 2)
 
 
 def matmul_weight_grad(g, x, w, conf) -> torch.Tensor:
@@ -282,8 +356,9 @@ def main() -> None:
         f"# NNPACK available: {torch.backends.nnpack.is_available()}; batch {args.batch}, {args.rounds} rounds"
     )
     total: dict[str, float] = {}
+    pool = _one_thread_workers()
     for channels, size in SHAPES:
-        cases, errors = _cases(args.batch, channels, size)
+        cases, errors = _cases(args.batch, channels, size, pool)
         times: dict[str, list[float]] = {name: [] for name in cases}
         for r in range(args.rounds + 1):
             for name, fn in cases.items():
@@ -295,10 +370,10 @@ def main() -> None:
             med = statistics.median(times[name])
             total[name] = total.get(name, 0.0) + med
             err = f"  err {errors[name]:.1e}" if name in errors else ""
-            print(f"  {name:50s} {med:8.1f} [{min(times[name]):.1f}-{max(times[name]):.1f}]{err}")
+            print(f"  {name:56s} {med:8.1f} [{min(times[name]):.1f}-{max(times[name]):.1f}]{err}")
     print("\nsum over the four stages (one call of each shape), ms")
     for name, ms in total.items():
-        print(f"  {name:50s} {ms:8.1f}")
+        print(f"  {name:56s} {ms:8.1f}")
 
 
 if __name__ == "__main__":
