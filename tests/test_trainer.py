@@ -66,6 +66,13 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_checks(run: Path, reference: Path) -> None:
+    """The two runs made the same number of checks (more than one), with eigenvalues within 1e-4."""
+    eig, ref = ([r["eigenvalue"] for r in read_metrics(p) if r["kind"] == "check"] for p in (run, reference))
+    assert len(eig) == len(ref) > 1
+    torch.testing.assert_close(torch.tensor(eig), torch.tensor(ref), rtol=1e-4, atol=0.0)
+
+
 @pytest.mark.parametrize("strategy", ["bl", "absa"])
 def test_accumulation_equals_one_big_batch(tmp_path, strategy):
     """ABSA too: the FGSM rows are the global batch's, whatever its micro-batches (each rounding up
@@ -768,10 +775,7 @@ def test_two_processes_match_one(tmp_path):
     assert_close(w_one, r0, rtol=1e-4)
     two = json.loads((out / "summary.json").read_text())
     assert (two["updates"], two["samples"], two["processes"]) == (one["updates"], one["samples"], 2)
-    eig_one = [r["eigenvalue"] for r in read_metrics(tmp_path / "one") if r["kind"] == "check"]
-    eig_two = [r["eigenvalue"] for r in read_metrics(out) if r["kind"] == "check"]
-    assert len(eig_one) == len(eig_two) > 1
-    torch.testing.assert_close(torch.tensor(eig_two), torch.tensor(eig_one), rtol=1e-4, atol=0.0)
+    assert_same_checks(out, tmp_path / "one")
 
 
 def test_two_processes_share_one_set_of_batchnorm_statistics(tmp_path):
@@ -856,10 +860,7 @@ def test_deepspeed_zero3_two_processes_train_like_one_plain_process(tmp_path):
         plain["max_batch_size"],
     )
     assert zero3["max_batch_size"] > 64
-    eig_plain = [r["eigenvalue"] for r in read_metrics(tmp_path / "plain") if r["kind"] == "check"]
-    eig_zero3 = [r["eigenvalue"] for r in read_metrics(out) if r["kind"] == "check"]
-    assert len(eig_plain) == len(eig_zero3) > 1
-    torch.testing.assert_close(torch.tensor(eig_zero3), torch.tensor(eig_plain), rtol=1e-4, atol=0.0)
+    assert_same_checks(out, tmp_path / "plain")
     # model.safetensors holds the gathered weights, not the ranks' shards
     assert_close(w_plain, load_file(str(out / "model.safetensors")), rtol=1e-4)
 
@@ -1013,10 +1014,7 @@ def test_an_hf_model_trains_under_deepspeed_zero3(tmp_path, save_tiny_vit):
     zero3 = json.loads((out / "summary.json").read_text())
     assert zero3["deepspeed_zero_stage"] == 3
     assert (zero3["updates"], zero3["samples"]) == (plain["updates"], plain["samples"])
-    eig_plain = [r["eigenvalue"] for r in read_metrics(tmp_path / "plain") if r["kind"] == "check"]
-    eig_zero3 = [r["eigenvalue"] for r in read_metrics(out) if r["kind"] == "check"]
-    assert len(eig_plain) == len(eig_zero3) > 1
-    torch.testing.assert_close(torch.tensor(eig_zero3), torch.tensor(eig_plain), rtol=1e-4, atol=0.0)
+    assert_same_checks(out, tmp_path / "plain")
     assert_close(w_plain, load_file(str(out / "model.safetensors")), rtol=1e-4)
     loaded = transformers.ViTForImageClassification.from_pretrained(out / "hf_model")
     for name, value in loaded.state_dict().items():
