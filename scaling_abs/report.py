@@ -20,7 +20,7 @@ import yaml
 
 from scaling_abs.cli import percent
 from scaling_abs.config import check_output_dir
-from scaling_abs.errors import UserError
+from scaling_abs.errors import UserError, is_whole
 
 
 @dataclass
@@ -169,10 +169,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _summary_value_ok(key: str, value: Any) -> bool:
-    """The tables' summary fields: counts are integers, times numbers, the accuracy a number or
-    null (a run stopped before its first evaluation)."""
+    """The tables' summary fields: counts are whole numbers (``errors.is_whole``), times numbers,
+    the accuracy a number or null (a run stopped before its first evaluation)."""
     if key in ("updates", "max_batch_size"):
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_whole(value, 0)
     if key == "test_accuracy" and value is None:
         return True
     return _is_number(value)
